@@ -1,0 +1,286 @@
+//! The sandbox: every container the agent runs, and the guest-wide calls
+//! (CreateSandbox, DestroySandbox, guest details, OOM events). The RPC layer
+//! in `server.rs` is a thin translation onto these methods.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kestrel_protocols::agent::{
+    CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, GuestDetailsResponse,
+    AgentDetails, StatsContainerResponse,
+};
+use kestrel_protocols::oci::LinuxResources;
+use tokio::sync::{mpsc, Notify};
+
+use crate::container::cgroup::Hierarchy;
+use crate::container::process::Process;
+use crate::container::{checked_signal, Container};
+use crate::error::{validate_id, Error, Result};
+use crate::reaper::{ExitStatus, Reaper};
+use crate::{copy_file, init};
+
+/// How often a container's cgroup is checked for new OOM kills. Reading one
+/// counter works the same on cgroup v1 and v2; the kernel's notification
+/// interfaces differ between them (eventfd vs. inotify).
+const OOM_POLL: Duration = Duration::from_millis(200);
+/// How long DestroySandbox waits for each container to die.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Slot {
+    /// Reserved while CreateContainer runs, so a second create with the
+    /// same id fails with ALREADY_EXISTS instead of racing.
+    Creating,
+    Ready(Arc<Container>),
+}
+
+pub struct Sandbox {
+    reaper: Reaper,
+    hierarchy: Hierarchy,
+    shared_dir: PathBuf,
+    /// True when the agent is the guest's PID 1; false in host mode.
+    is_init: bool,
+    containers: Mutex<HashMap<String, Slot>>,
+    /// The id given by CreateSandbox, once it has been called.
+    sandbox_id: Mutex<Option<String>>,
+    oom_tx: mpsc::UnboundedSender<String>,
+    oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    shutdown: Notify,
+}
+
+impl Sandbox {
+    pub fn new(reaper: Reaper, shared_dir: PathBuf, is_init: bool) -> Sandbox {
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        Sandbox {
+            reaper,
+            hierarchy: Hierarchy::detect(),
+            shared_dir,
+            is_init,
+            containers: Mutex::new(HashMap::new()),
+            sandbox_id: Mutex::new(None),
+            oom_tx,
+            oom_rx: tokio::sync::Mutex::new(oom_rx),
+            shutdown: Notify::new(),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        validate_id("container id", id)?;
+        match self.slots().get(id) {
+            Some(Slot::Ready(c)) => Ok(Arc::clone(c)),
+            _ => Err(Error::NotFound(format!("container {id} does not exist"))),
+        }
+    }
+
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.container(id)?.process(exec_id)
+    }
+
+    pub fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<()> {
+        if !req.sandbox_id.is_empty() {
+            validate_id("sandbox id", &req.sandbox_id)?;
+        }
+        let unsupported = [
+            (!req.storages.is_empty(), "storages"),
+            (req.sandbox_pidns, "a shared sandbox PID namespace"),
+            (!req.guest_hook_path.is_empty(), "guest OCI hooks"),
+            (!req.kernel_modules.is_empty(), "kernel modules"),
+            (req.guest_userns, "a guest user namespace"),
+        ];
+        if let Some((_, what)) = unsupported.iter().find(|(asked, _)| *asked) {
+            return Err(Error::Unimplemented(format!("CreateSandbox: {what} are not supported")));
+        }
+        let mut sandbox_id = self.sandbox_id.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = sandbox_id.as_ref() {
+            return Err(Error::AlreadyExists(format!(
+                "sandbox {existing:?} has already been created"
+            )));
+        }
+        std::fs::create_dir_all(&self.shared_dir)
+            .map_err(|e| Error::internal(format!("creating {}", self.shared_dir.display()), e))?;
+        if self.is_init {
+            init::configure(&req.hostname, &req.dns)?;
+        } else {
+            tracing::info!(hostname = %req.hostname, "host mode: leaving the host's hostname and DNS alone");
+        }
+        *sandbox_id = Some(req.sandbox_id.clone());
+        tracing::info!(sandbox_id = %req.sandbox_id, "sandbox created");
+        Ok(())
+    }
+
+    /// Removes every container, then asks the agent to stop (and, as PID 1,
+    /// to power the guest off) once the reply has gone out.
+    pub async fn destroy_sandbox(&self) -> Result<()> {
+        self.remove_all().await;
+        self.shutdown.notify_one();
+        Ok(())
+    }
+
+    pub async fn remove_all(&self) {
+        let ids: Vec<String> = self.slots().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.remove_container(&id, Some(DESTROY_TIMEOUT)).await {
+                tracing::warn!(container_id = %id, error = %e, "removing container during sandbox teardown");
+            }
+        }
+    }
+
+    /// Resolves once DestroySandbox has been called.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await
+    }
+
+    pub async fn create_container(self: &Arc<Self>, req: &CreateContainerRequest) -> Result<()> {
+        let id = req.container_id.as_str();
+        validate_id("container id", id)?;
+        let exec_id = if req.exec_id.is_empty() { id } else { req.exec_id.as_str() };
+        validate_id("exec id", exec_id)?;
+        let spec = req
+            .OCI
+            .as_ref()
+            .ok_or_else(|| Error::invalid("CreateContainer has no OCI spec"))?;
+        if !req.storages.is_empty() || !req.devices.is_empty() {
+            return Err(Error::Unimplemented(
+                "CreateContainer: storages and devices are not supported; copy the rootfs with CopyFile".into(),
+            ));
+        }
+        {
+            let mut slots = self.slots();
+            if slots.contains_key(id) {
+                return Err(Error::AlreadyExists(format!("container {id} already exists")));
+            }
+            slots.insert(id.to_string(), Slot::Creating);
+        }
+        let bundle = self.shared_dir.join(id);
+        let created = Container::create(&self.reaper, &self.hierarchy, id, exec_id, spec, &bundle).await;
+        let mut slots = self.slots();
+        match created {
+            Ok(c) => {
+                let c = Arc::new(c);
+                self.watch_oom(&c);
+                slots.insert(id.to_string(), Slot::Ready(c));
+                tracing::info!(container_id = %id, "container created");
+                Ok(())
+            }
+            Err(e) => {
+                slots.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn watch_oom(&self, c: &Arc<Container>) {
+        let weak: Weak<Container> = Arc::downgrade(c);
+        let tx = self.oom_tx.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            let mut tick = tokio::time::interval(OOM_POLL);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { break };
+                let kills = c.cgroup.oom_kills();
+                if kills > seen {
+                    seen = kills;
+                    tracing::info!(container_id = %c.id, "OOM kill");
+                    if tx.send(c.id.clone()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    pub async fn get_oom_event(&self) -> Result<String> {
+        let mut rx = self.oom_rx.lock().await;
+        // The sender lives in `self`, so the channel never closes while idle.
+        rx.recv()
+            .await
+            .ok_or_else(|| Error::Internal("the OOM event stream closed".into()))
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        self.container(id)?.start().await?;
+        tracing::info!(container_id = %id, "container started");
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str, timeout: Option<Duration>) -> Result<()> {
+        let c = self.container(id)?;
+        c.destroy(timeout).await?;
+        self.slots().remove(id);
+        tracing::info!(container_id = %id, "container removed");
+        Ok(())
+    }
+
+    pub async fn exec_process(&self, id: &str, exec_id: &str, p: Option<&kestrel_protocols::oci::Process>) -> Result<()> {
+        self.container(id)?.exec(&self.reaper, exec_id, p).await
+    }
+
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
+        let signal = checked_signal(signal)?;
+        self.container(id)?.signal(exec_id, signal)
+    }
+
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<ExitStatus> {
+        Ok(self.process(id, exec_id)?.wait().await)
+    }
+
+    pub async fn pause_container(&self, id: &str) -> Result<()> {
+        self.container(id)?.pause().await
+    }
+
+    pub async fn resume_container(&self, id: &str) -> Result<()> {
+        self.container(id)?.resume().await
+    }
+
+    pub fn update_container(&self, id: &str, resources: Option<&LinuxResources>) -> Result<()> {
+        let c = self.container(id)?;
+        let r = resources.ok_or_else(|| Error::invalid("UpdateContainer has no resources"))?;
+        c.cgroup.apply(r)
+    }
+
+    pub fn stats_container(&self, id: &str) -> Result<StatsContainerResponse> {
+        let c = self.container(id)?;
+        let mut resp = StatsContainerResponse::new();
+        resp.cgroup_stats = Some(c.cgroup.stats()).into();
+        Ok(resp)
+    }
+
+    pub fn copy_file(&self, req: &CopyFileRequest) -> Result<()> {
+        copy_file::copy(&self.shared_dir, req)
+    }
+
+    pub fn guest_details(&self, mem_block_size: bool, hotplug_probe: bool) -> GuestDetailsResponse {
+        let mut resp = GuestDetailsResponse::new();
+        if mem_block_size {
+            resp.mem_block_size_bytes = init::memory_block_size();
+        }
+        if hotplug_probe {
+            resp.support_mem_hotplug_probe = init::supports_memory_probe();
+        }
+        let mut details = AgentDetails::new();
+        details.version = crate::VERSION.to_string();
+        details.init_daemon = self.is_init;
+        resp.agent_details = Some(details).into();
+        resp
+    }
+
+    pub fn set_guest_date_time(&self, sec: i64, usec: i64) -> Result<()> {
+        if sec < 0 || !(0..1_000_000).contains(&usec) {
+            return Err(Error::invalid(format!(
+                "SetGuestDateTime: {sec} s and {usec} µs is not a valid time"
+            )));
+        }
+        if !self.is_init {
+            return Err(Error::FailedPrecondition(
+                "host mode: the agent does not set the host's clock".into(),
+            ));
+        }
+        init::set_clock(sec, usec)
+    }
+}

@@ -1,0 +1,242 @@
+//! The ttrpc services: `grpc.AgentService` and `grpc.Health`. Each method
+//! validates nothing itself; it forwards to the [`Sandbox`] and maps the
+//! result's [`Error`] to a ttrpc code here, in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kestrel_protocols::agent::*;
+use kestrel_protocols::csi::VolumeStatsResponse;
+use kestrel_protocols::health::health_check_response::ServingStatus;
+use kestrel_protocols::health::{CheckRequest, HealthCheckResponse, VersionCheckResponse};
+use kestrel_protocols::protobuf::well_known_types::empty::Empty;
+use kestrel_protocols::ttrpc::r#async::TtrpcContext;
+use kestrel_protocols::ttrpc::error::get_rpc_status;
+use kestrel_protocols::ttrpc::{self, Code};
+use kestrel_protocols::{agent_ttrpc, health_ttrpc, types};
+
+use crate::error::Error;
+use crate::sandbox::Sandbox;
+
+/// Largest chunk one ReadStdout/ReadStderr returns.
+const MAX_READ: usize = 1 << 20;
+
+fn status(method: &str, e: Error) -> ttrpc::Error {
+    let code = match &e {
+        Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        Error::NotFound(_) => Code::NOT_FOUND,
+        Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        Error::Unimplemented(_) => Code::UNIMPLEMENTED,
+        Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+        Error::EndOfStream(_) => Code::OUT_OF_RANGE,
+        Error::Internal(_) => Code::INTERNAL,
+    };
+    match code {
+        Code::INTERNAL => tracing::error!(method, error = %e, "request failed"),
+        Code::OUT_OF_RANGE => {}
+        _ => tracing::debug!(method, error = %e, "request refused"),
+    }
+    get_rpc_status(code, e.to_string())
+}
+
+fn empty<T>(method: &str, r: Result<T, Error>) -> ttrpc::Result<Empty> {
+    r.map(|_| Empty::new()).map_err(|e| status(method, e))
+}
+
+pub struct AgentService {
+    sandbox: Arc<Sandbox>,
+}
+
+impl AgentService {
+    pub fn new(sandbox: Arc<Sandbox>) -> Self {
+        AgentService { sandbox }
+    }
+}
+
+/// Implements `grpc.AgentService` from the methods written out in the
+/// first block, plus one for each method in the second that answers
+/// UNIMPLEMENTED with its name (ttrpc's generated default says NOT_FOUND,
+/// which a runtime would take for a missing container). The whole impl is
+/// generated so that `async_trait` sees every method.
+macro_rules! agent_service {
+    ({ $($implemented:tt)* } unimplemented { $($method:ident($req:ty) -> $resp:ty;)* }) => {
+        #[async_trait]
+        impl agent_ttrpc::AgentService for AgentService {
+            $($implemented)*
+            $(
+                async fn $method(&self, _: &TtrpcContext, _: $req) -> ttrpc::Result<$resp> {
+                    Err(get_rpc_status(
+                        Code::UNIMPLEMENTED,
+                        concat!("grpc.AgentService/", stringify!($method), " is not implemented by the Kestrel agent"),
+                    ))
+                }
+            )*
+        }
+    };
+}
+
+agent_service! {{
+    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        empty("CreateContainer", self.sandbox.create_container(&req).await)
+    }
+
+    async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> ttrpc::Result<Empty> {
+        empty("StartContainer", self.sandbox.start_container(&req.container_id).await)
+    }
+
+    async fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout.into()));
+        empty("RemoveContainer", self.sandbox.remove_container(&req.container_id, timeout).await)
+    }
+
+    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let r = self.sandbox.exec_process(&req.container_id, &req.exec_id, req.process.as_ref()).await;
+        empty("ExecProcess", r)
+    }
+
+    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        empty("SignalProcess", self.sandbox.signal_process(&req.container_id, &req.exec_id, req.signal))
+    }
+
+    async fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let status = self
+            .sandbox
+            .wait_process(&req.container_id, &req.exec_id)
+            .await
+            .map_err(|e| status("WaitProcess", e))?;
+        let mut resp = WaitProcessResponse::new();
+        resp.status = status;
+        Ok(resp)
+    }
+
+    async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        empty("UpdateContainer", self.sandbox.update_container(&req.container_id, req.resources.as_ref()))
+    }
+
+    async fn stats_container(&self, _: &TtrpcContext, req: StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+        self.sandbox.stats_container(&req.container_id).map_err(|e| status("StatsContainer", e))
+    }
+
+    async fn pause_container(&self, _: &TtrpcContext, req: PauseContainerRequest) -> ttrpc::Result<Empty> {
+        empty("PauseContainer", self.sandbox.pause_container(&req.container_id).await)
+    }
+
+    async fn resume_container(&self, _: &TtrpcContext, req: ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        empty("ResumeContainer", self.sandbox.resume_container(&req.container_id).await)
+    }
+
+    async fn write_stdin(&self, _: &TtrpcContext, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
+        let process = self.sandbox.process(&req.container_id, &req.exec_id).map_err(|e| status("WriteStdin", e))?;
+        let len = process.io.write_stdin(&req.data).await.map_err(|e| status("WriteStdin", e))?;
+        let mut resp = WriteStreamResponse::new();
+        resp.len = len as u32;
+        Ok(resp)
+    }
+
+    async fn read_stdout(&self, _: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.sandbox.process(&req.container_id, &req.exec_id).map_err(|e| status("ReadStdout", e))?;
+        let data = process.io.read_stdout(read_len(req.len)).await.map_err(|e| status("ReadStdout", e))?;
+        let mut resp = ReadStreamResponse::new();
+        resp.data = data;
+        Ok(resp)
+    }
+
+    async fn read_stderr(&self, _: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        let process = self.sandbox.process(&req.container_id, &req.exec_id).map_err(|e| status("ReadStderr", e))?;
+        let data = process.io.read_stderr(read_len(req.len)).await.map_err(|e| status("ReadStderr", e))?;
+        let mut resp = ReadStreamResponse::new();
+        resp.data = data;
+        Ok(resp)
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<Empty> {
+        let process = self.sandbox.process(&req.container_id, &req.exec_id).map_err(|e| status("CloseStdin", e))?;
+        empty("CloseStdin", process.io.close_stdin().await)
+    }
+
+    async fn tty_win_resize(&self, _: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        let r = self.sandbox.process(&req.container_id, &req.exec_id).and_then(|p| {
+            let rows = u16::try_from(req.row).map_err(|_| Error::invalid(format!("{} rows is too many", req.row)))?;
+            let cols = u16::try_from(req.column).map_err(|_| Error::invalid(format!("{} columns is too many", req.column)))?;
+            p.io.resize(rows, cols)
+        });
+        empty("TtyWinResize", r)
+    }
+
+    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        empty("CreateSandbox", self.sandbox.create_sandbox(&req))
+    }
+
+    async fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+        empty("DestroySandbox", self.sandbox.destroy_sandbox().await)
+    }
+
+    async fn get_guest_details(&self, _: &TtrpcContext, req: GuestDetailsRequest) -> ttrpc::Result<GuestDetailsResponse> {
+        Ok(self.sandbox.guest_details(req.mem_block_size, req.mem_hotplug_probe))
+    }
+
+    async fn set_guest_date_time(&self, _: &TtrpcContext, req: SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
+        empty("SetGuestDateTime", self.sandbox.set_guest_date_time(req.Sec, req.Usec))
+    }
+
+    async fn copy_file(&self, _: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<Empty> {
+        empty("CopyFile", self.sandbox.copy_file(&req))
+    }
+
+    async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
+        let id = self.sandbox.get_oom_event().await.map_err(|e| status("GetOOMEvent", e))?;
+        let mut event = OOMEvent::new();
+        event.container_id = id;
+        Ok(event)
+    }
+} unimplemented {
+        update_ephemeral_mounts(UpdateEphemeralMountsRequest) -> Empty;
+        remove_stale_virtiofs_share_mounts(RemoveStaleVirtiofsShareMountsRequest) -> Empty;
+        update_interface(UpdateInterfaceRequest) -> types::Interface;
+        update_routes(UpdateRoutesRequest) -> Routes;
+        list_interfaces(ListInterfacesRequest) -> Interfaces;
+        list_routes(ListRoutesRequest) -> Routes;
+        add_arp_neighbors(AddARPNeighborsRequest) -> Empty;
+        get_ip_tables(GetIPTablesRequest) -> GetIPTablesResponse;
+        set_ip_tables(SetIPTablesRequest) -> SetIPTablesResponse;
+        get_metrics(GetMetricsRequest) -> Metrics;
+        online_cpu_mem(OnlineCPUMemRequest) -> Empty;
+        reseed_random_dev(ReseedRandomDevRequest) -> Empty;
+        mem_hotplug_by_probe(MemHotplugByProbeRequest) -> Empty;
+        add_swap(AddSwapRequest) -> Empty;
+        get_volume_stats(VolumeStatsRequest) -> VolumeStatsResponse;
+        resize_volume(ResizeVolumeRequest) -> Empty;
+        set_policy(SetPolicyRequest) -> Empty;
+}}
+
+fn read_len(requested: u32) -> usize {
+    (requested as usize).clamp(1, MAX_READ)
+}
+
+pub struct HealthService;
+
+#[async_trait]
+impl health_ttrpc::Health for HealthService {
+    async fn check(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<HealthCheckResponse> {
+        let mut resp = HealthCheckResponse::new();
+        resp.status = ServingStatus::SERVING.into();
+        Ok(resp)
+    }
+
+    async fn version(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+        let mut resp = VersionCheckResponse::new();
+        resp.agent_version = crate::VERSION.to_string();
+        resp.grpc_version = crate::API_VERSION.to_string();
+        Ok(resp)
+    }
+}
+
+/// Both services, ready for a ttrpc server.
+pub fn services(sandbox: Arc<Sandbox>) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 2] {
+    [
+        agent_ttrpc::create_agent_service(Arc::new(AgentService::new(sandbox))),
+        health_ttrpc::create_health(Arc::new(HealthService)),
+    ]
+}

@@ -1,0 +1,286 @@
+//! Fixtures shared by Kestrel's end-to-end tests and benchmarks: finding the
+//! workspace's binaries, a busybox rootfs, the agent in host mode, and OCI
+//! specs for it.
+//!
+//! Tests that need something this machine lacks (root, busybox) call
+//! [`require`] and return early, printing why they skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kestrel_protocols::agent::{CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest, StartContainerRequest, WaitProcessRequest};
+use kestrel_protocols::agent_ttrpc::AgentServiceClient;
+use kestrel_protocols::health_ttrpc::HealthClient;
+use kestrel_protocols::oci;
+use kestrel_protocols::ttrpc::{self, context, r#async::Client, Code};
+
+/// Where Debian's busybox-static installs busybox.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Applets linked into the test rootfs.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "hostname", "dd", "id", "ls", "stty", "tty",
+    "head", "yes", "env", "pwd", "mount", "grep",
+];
+
+/// Returns false, printing why, when the machine lacks what a test needs.
+pub fn require(test: &str) -> bool {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        Some("needs root (namespaces, mounts and cgroups)".to_string())
+    } else if !Path::new(BUSYBOX).exists() {
+        Some(format!("needs {BUSYBOX} (apt-get install busybox-static)"))
+    } else {
+        None
+    };
+    match missing {
+        Some(why) => {
+            eprintln!("SKIP {test}: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// A binary of this workspace, built beside the test executable
+/// (`cargo build --workspace` puts it there).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// Builds a minimal busybox rootfs under `dir` and returns its path.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("rootfs dir");
+    }
+    std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("applet link");
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    root
+}
+
+/// An OCI spec running `args` in `rootfs` with the mounts `ctr` would give.
+pub fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
+    let mut s = oci::Spec::new();
+    s.Version = "1.1.0".into();
+    let root = s.Root.mut_or_insert_default();
+    root.Path = rootfs.to_string_lossy().into_owned();
+    let p = s.Process.mut_or_insert_default();
+    p.Args = args.iter().map(|a| a.to_string()).collect();
+    p.Env = vec!["PATH=/bin".into(), "HOME=/root".into()];
+    p.Cwd = "/".into();
+    s.Hostname = "kestrel-test".into();
+    let mounts: &[(&str, &str, &str, &[&str])] = &[
+        ("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
+        ("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        ("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
+        ("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+        ("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+    ];
+    for (dest, ty, src, opts) in mounts {
+        let mut m = oci::Mount::new();
+        m.destination = dest.to_string();
+        m.type_ = ty.to_string();
+        m.source = src.to_string();
+        m.options = opts.iter().map(|o| o.to_string()).collect();
+        s.Mounts.push(m);
+    }
+    let linux = s.Linux.mut_or_insert_default();
+    for ns in ["pid", "ipc", "uts", "mount"] {
+        let mut n = oci::LinuxNamespace::new();
+        n.Type = ns.into();
+        linux.Namespaces.push(n);
+    }
+    s
+}
+
+/// A kestrel-agent running in host mode on a private socket; killed on drop.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub shared_dir: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let shared_dir = dir.path().join("shared");
+        let child = Command::new(binary("kestrel-agent"))
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--shared-dir")
+            .arg(&shared_dir)
+            .arg("--log-level")
+            .arg(std::env::var("KESTREL_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting kestrel-agent");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "kestrel-agent did not start listening");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent { dir, socket, shared_dir, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn client(&self) -> (AgentServiceClient, HealthClient) {
+        let c = Client::connect(&format!("unix://{}", self.socket.display()))
+            .await
+            .expect("connecting to the agent");
+        (AgentServiceClient::new(c.clone()), HealthClient::new(c))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// No client-side timeout: for calls that block by design.
+pub fn forever() -> context::Context {
+    context::with_timeout(0)
+}
+
+/// A ten-second timeout for calls that should answer promptly.
+pub fn prompt() -> context::Context {
+    context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
+}
+
+/// The ttrpc code of an error, for asserting on it.
+pub fn code(err: &ttrpc::Error) -> Code {
+    match err {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+pub fn create_request(id: &str, spec: oci::Spec) -> CreateContainerRequest {
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.exec_id = id.into();
+    req.OCI = Some(spec).into();
+    req
+}
+
+/// Reads a stream until the agent reports its end.
+pub async fn read_all(client: &AgentServiceClient, id: &str, exec_id: &str, stderr: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut req = ReadStreamRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.len = 64 * 1024;
+        let r = if stderr {
+            client.read_stderr(forever(), &req).await
+        } else {
+            client.read_stdout(forever(), &req).await
+        };
+        match r {
+            Ok(resp) => out.extend(resp.data),
+            Err(e) if code(&e) == Code::OUT_OF_RANGE => return out,
+            Err(e) => panic!("reading output of {id}/{exec_id}: {e:?}"),
+        }
+    }
+}
+
+pub async fn start(client: &AgentServiceClient, id: &str) {
+    let mut req = StartContainerRequest::new();
+    req.container_id = id.into();
+    client.start_container(prompt(), &req).await.expect("StartContainer");
+}
+
+pub async fn wait(client: &AgentServiceClient, id: &str, exec_id: &str) -> ttrpc::Result<i32> {
+    let mut req = WaitProcessRequest::new();
+    req.container_id = id.into();
+    req.exec_id = exec_id.into();
+    client.wait_process(forever(), &req).await.map(|r| r.status)
+}
+
+pub async fn remove(client: &AgentServiceClient, id: &str) -> ttrpc::Result<()> {
+    let mut req = RemoveContainerRequest::new();
+    req.container_id = id.into();
+    req.timeout = 10;
+    client.remove_container(prompt(), &req).await.map(drop)
+}
+
+/// Creates and starts a container, collects stdout and stderr, waits for
+/// its exit and removes it.
+pub async fn run(client: &AgentServiceClient, id: &str, spec: oci::Spec) -> (String, String, i32) {
+    client.create_container(prompt(), &create_request(id, spec)).await.expect("CreateContainer");
+    start(client, id).await;
+    let (out, err) = tokio::join!(read_all(client, id, "", false), read_all(client, id, "", true));
+    let status = wait(client, id, "").await.expect("WaitProcess");
+    remove(client, id).await.expect("RemoveContainer");
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        status,
+    )
+}
+
+/// The directories the agent uses for container `id`'s cgroup by default.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join("kestrel").join(id)];
+    }
+    ["memory", "cpu", "cpuacct", "pids", "freezer", "cpuset"]
+        .iter()
+        .map(|c| root.join(c))
+        .filter(|p| p.is_dir())
+        .map(|p| p.join("kestrel").join(id))
+        .collect()
+}
+
+/// Whether the container's cgroup reads as frozen.
+pub fn cgroup_frozen(id: &str) -> bool {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        let events = std::fs::read_to_string(root.join("kestrel").join(id).join("cgroup.events")).unwrap_or_default();
+        events.lines().any(|l| l == "frozen 1")
+    } else {
+        let state = std::fs::read_to_string(root.join("freezer/kestrel").join(id).join("freezer.state")).unwrap_or_default();
+        state.trim() == "FROZEN"
+    }
+}
+
+/// Lines of the host's mount table that mention `path`.
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
