@@ -42,15 +42,22 @@ pub fn copy(shared_dir: &Path, req: &CopyFileRequest) -> Result<()> {
                 }
                 Err(_) => fs::create_dir(&path).map_err(|e| io_err(&req.path, e))?,
             }
-            fs::set_permissions(&path, fs::Permissions::from_mode(perm)).map_err(|e| io_err(&req.path, e))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(perm))
+                .map_err(|e| io_err(&req.path, e))?;
             chown(&path, req)
         }
         libc::S_IFLNK => {
             let target = std::str::from_utf8(&req.data).map_err(|_| {
-                Error::invalid(format!("CopyFile {}: symlink target is not UTF-8", req.path))
+                Error::invalid(format!(
+                    "CopyFile {}: symlink target is not UTF-8",
+                    req.path
+                ))
             })?;
             if target.is_empty() {
-                return Err(Error::invalid(format!("CopyFile {}: empty symlink target", req.path)));
+                return Err(Error::invalid(format!(
+                    "CopyFile {}: empty symlink target",
+                    req.path
+                )));
             }
             remove_non_dir(&path, &req.path)?;
             symlink(target, &path).map_err(|e| io_err(&req.path, e))?;
@@ -107,7 +114,9 @@ fn chown(path: &Path, req: &CopyFileRequest) -> Result<()> {
 
 fn remove_non_dir(path: &Path, shown: &str) -> Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => Err(Error::invalid(format!("CopyFile {shown}: a directory is in the way"))),
+        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
+            "CopyFile {shown}: a directory is in the way"
+        ))),
         Ok(_) => fs::remove_file(path).map_err(|e| io_err(shown, e)),
         Err(_) => Ok(()),
     }
@@ -115,7 +124,9 @@ fn remove_non_dir(path: &Path, shown: &str) -> Result<()> {
 
 fn io_err(path: &str, e: std::io::Error) -> Error {
     match e.kind() {
-        ErrorKind::StorageFull => Error::Internal(format!("CopyFile {path}: no space left on device")),
+        ErrorKind::StorageFull => {
+            Error::Internal(format!("CopyFile {path}: no space left on device"))
+        }
         _ => Error::internal(format!("CopyFile {path}"), e),
     }
 }
@@ -124,10 +135,17 @@ fn io_err(path: &str, e: std::io::Error) -> Error {
 fn checked_path(shared_dir: &Path, raw: &str) -> Result<PathBuf> {
     let path = Path::new(raw);
     if !path.is_absolute() {
-        return Err(Error::invalid(format!("CopyFile path {raw:?} is not absolute")));
+        return Err(Error::invalid(format!(
+            "CopyFile path {raw:?} is not absolute"
+        )));
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        return Err(Error::invalid(format!("CopyFile path {raw:?} must not contain \"..\" or \".\"")));
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(Error::invalid(format!(
+            "CopyFile path {raw:?} must not contain \"..\" or \".\""
+        )));
     }
     match path.strip_prefix(shared_dir) {
         Ok(rest) if rest.components().next().is_some() => Ok(path.to_path_buf()),
@@ -195,11 +213,18 @@ mod tests {
     fn chunks_appear_only_when_complete() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c1/rootfs/etc/motd");
-        copy(dir.path(), &req(&f, libc::S_IFREG | 0o640, b"hello ", 0, 11)).unwrap();
+        copy(
+            dir.path(),
+            &req(&f, libc::S_IFREG | 0o640, b"hello ", 0, 11),
+        )
+        .unwrap();
         assert!(!f.exists());
         copy(dir.path(), &req(&f, libc::S_IFREG | 0o640, b"world", 6, 11)).unwrap();
         assert_eq!(fs::read(&f).unwrap(), b"hello world");
-        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
     }
 
     #[test]
@@ -209,7 +234,11 @@ mod tests {
         copy(dir.path(), &req(&d, libc::S_IFDIR | 0o750, b"", 0, 0)).unwrap();
         assert!(d.is_dir());
         let l = d.join("sh");
-        copy(dir.path(), &req(&l, libc::S_IFLNK | 0o777, b"busybox", 0, 0)).unwrap();
+        copy(
+            dir.path(),
+            &req(&l, libc::S_IFLNK | 0o777, b"busybox", 0, 0),
+        )
+        .unwrap();
         assert_eq!(fs::read_link(&l).unwrap(), Path::new("busybox"));
     }
 
@@ -218,11 +247,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         for bad in ["relative/file", "/etc/passwd"] {
-            let err = copy(&shared, &req(Path::new(bad), libc::S_IFREG | 0o644, b"x", 0, 1)).unwrap_err();
+            let err = copy(
+                &shared,
+                &req(Path::new(bad), libc::S_IFREG | 0o644, b"x", 0, 1),
+            )
+            .unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
         }
         let dotdot = format!("{}/../escape", shared.display());
-        let err = copy(&shared, &req(Path::new(&dotdot), libc::S_IFREG | 0o644, b"x", 0, 1)).unwrap_err();
+        let err = copy(
+            &shared,
+            &req(Path::new(&dotdot), libc::S_IFREG | 0o644, b"x", 0, 1),
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)));
         assert!(!dir.path().join("escape").exists());
     }
@@ -234,8 +271,22 @@ mod tests {
         let outside = dir.path().join("outside");
         fs::create_dir_all(&outside).unwrap();
         let link = shared.join("link");
-        copy(&shared, &req(&link, libc::S_IFLNK | 0o777, outside.to_str().unwrap().as_bytes(), 0, 0)).unwrap();
-        let err = copy(&shared, &req(&link.join("f"), libc::S_IFREG | 0o644, b"x", 0, 1)).unwrap_err();
+        copy(
+            &shared,
+            &req(
+                &link,
+                libc::S_IFLNK | 0o777,
+                outside.to_str().unwrap().as_bytes(),
+                0,
+                0,
+            ),
+        )
+        .unwrap();
+        let err = copy(
+            &shared,
+            &req(&link.join("f"), libc::S_IFREG | 0o644, b"x", 0, 1),
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)));
         assert!(!outside.join("f").exists());
     }
@@ -244,7 +295,11 @@ mod tests {
     fn chunk_past_file_size_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("f");
-        let err = copy(dir.path(), &req(&f, libc::S_IFREG | 0o644, b"toolong", 0, 3)).unwrap_err();
+        let err = copy(
+            dir.path(),
+            &req(&f, libc::S_IFREG | 0o644, b"toolong", 0, 3),
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)));
     }
 }

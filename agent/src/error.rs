@@ -81,7 +81,10 @@ mod tests {
     fn ids_with_path_characters_are_rejected() {
         for bad in ["", "../x", "a/b", "a b", "..", ".", "é"] {
             assert!(
-                matches!(validate_id("container id", bad), Err(Error::InvalidArgument(_))),
+                matches!(
+                    validate_id("container id", bad),
+                    Err(Error::InvalidArgument(_))
+                ),
                 "{bad:?} accepted"
             );
         }

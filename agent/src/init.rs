@@ -22,13 +22,61 @@ pub fn is_pid1() -> bool {
 
 /// (source, target, fstype, flags, data) of the filesystems PID 1 mounts.
 const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
-    ("proc", "/proc", "proc", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), ""),
-    ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), ""),
-    ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
-    ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), "newinstance,ptmxmode=0666,mode=0620"),
-    ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), "mode=1777"),
-    ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), "mode=0755"),
-    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC), ""),
+    (
+        "proc",
+        "/proc",
+        "proc",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "",
+    ),
+    (
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "",
+    ),
+    (
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        "mode=0755",
+    ),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        "newinstance,ptmxmode=0666,mode=0620",
+    ),
+    (
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        "mode=1777",
+    ),
+    (
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        "mode=0755",
+    ),
+    (
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        "",
+    ),
 ];
 
 /// Sets up the guest as its PID 1. Errors are logged, not fatal: PID 1
@@ -62,8 +110,16 @@ pub fn setup_guest() {
 pub fn ensure_std_fds() {
     for fd in 0..=2 {
         if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-            let console = fs::OpenOptions::new().read(true).write(true).open("/dev/console")
-                .or_else(|_| fs::OpenOptions::new().read(true).write(true).open("/dev/null"));
+            let console = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/console")
+                .or_else(|_| {
+                    fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open("/dev/null")
+                });
             if let Ok(f) = console {
                 if f.as_raw_fd() != fd {
                     // SAFETY: duplicating an open descriptor onto a closed one.
@@ -101,7 +157,8 @@ pub fn configure(hostname: &str, dns: &[String]) -> Result<()> {
             conf.push('\n');
         }
         fs::create_dir_all("/etc").map_err(|e| Error::internal("creating /etc", e))?;
-        fs::write("/etc/resolv.conf", conf).map_err(|e| Error::internal("writing /etc/resolv.conf", e))?;
+        fs::write("/etc/resolv.conf", conf)
+            .map_err(|e| Error::internal("writing /etc/resolv.conf", e))?;
     }
     Ok(())
 }

@@ -34,7 +34,11 @@ pub const API_VERSION: &str = "kata-agent-api/ttrpc";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
-#[command(name = "kestrel-agent", version, about = "Kestrel guest agent: the Kata agent API over ttrpc")]
+#[command(
+    name = "kestrel-agent",
+    version,
+    about = "Kestrel guest agent: the Kata agent API over ttrpc"
+)]
 struct Args {
     /// Address to serve on: vsock://CID:PORT (CID -1 = any) or unix:///path.
     #[arg(long, default_value = "vsock://-1:1024")]
@@ -48,7 +52,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|a| a == container::setup::SETUP_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == container::setup::SETUP_ARG)
+    {
         container::setup::run();
     }
     let pid1 = init::is_pid1();
@@ -80,7 +87,10 @@ fn main() -> ExitCode {
     } else if let Err(e) = init::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper");
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "starting the async runtime");
@@ -127,7 +137,10 @@ async fn serve(args: Args, pid1: bool) -> anyhow::Result<()> {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing anyway");
     }
     sandbox.remove_all().await;
@@ -143,10 +156,12 @@ fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("another process is already serving on {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     Ok(())
 }

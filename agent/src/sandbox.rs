@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use kestrel_protocols::agent::{
-    CopyFileRequest, CreateContainerRequest, CreateSandboxRequest, GuestDetailsResponse,
-    AgentDetails, StatsContainerResponse,
+    AgentDetails, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest,
+    GuestDetailsResponse, StatsContainerResponse,
 };
 use kestrel_protocols::oci::LinuxResources;
 use tokio::sync::{mpsc, Notify};
@@ -93,7 +93,9 @@ impl Sandbox {
             (req.guest_userns, "a guest user namespace"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(asked, _)| *asked) {
-            return Err(Error::Unimplemented(format!("CreateSandbox: {what} are not supported")));
+            return Err(Error::Unimplemented(format!(
+                "CreateSandbox: {what} are not supported"
+            )));
         }
         let mut sandbox_id = self.sandbox_id.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = sandbox_id.as_ref() {
@@ -138,7 +140,11 @@ impl Sandbox {
     pub async fn create_container(self: &Arc<Self>, req: &CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
         validate_id("container id", id)?;
-        let exec_id = if req.exec_id.is_empty() { id } else { req.exec_id.as_str() };
+        let exec_id = if req.exec_id.is_empty() {
+            id
+        } else {
+            req.exec_id.as_str()
+        };
         validate_id("exec id", exec_id)?;
         let spec = req
             .OCI
@@ -152,12 +158,15 @@ impl Sandbox {
         {
             let mut slots = self.slots();
             if slots.contains_key(id) {
-                return Err(Error::AlreadyExists(format!("container {id} already exists")));
+                return Err(Error::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
             }
             slots.insert(id.to_string(), Slot::Creating);
         }
         let bundle = self.shared_dir.join(id);
-        let created = Container::create(&self.reaper, &self.hierarchy, id, exec_id, spec, &bundle).await;
+        let created =
+            Container::create(&self.reaper, &self.hierarchy, id, exec_id, spec, &bundle).await;
         let mut slots = self.slots();
         match created {
             Ok(c) => {
@@ -217,7 +226,12 @@ impl Sandbox {
         Ok(())
     }
 
-    pub async fn exec_process(&self, id: &str, exec_id: &str, p: Option<&kestrel_protocols::oci::Process>) -> Result<()> {
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        p: Option<&kestrel_protocols::oci::Process>,
+    ) -> Result<()> {
         self.container(id)?.exec(&self.reaper, exec_id, p).await
     }
 

@@ -11,8 +11,8 @@ use kestrel_protocols::csi::VolumeStatsResponse;
 use kestrel_protocols::health::health_check_response::ServingStatus;
 use kestrel_protocols::health::{CheckRequest, HealthCheckResponse, VersionCheckResponse};
 use kestrel_protocols::protobuf::well_known_types::empty::Empty;
-use kestrel_protocols::ttrpc::r#async::TtrpcContext;
 use kestrel_protocols::ttrpc::error::get_rpc_status;
+use kestrel_protocols::ttrpc::r#async::TtrpcContext;
 use kestrel_protocols::ttrpc::{self, Code};
 use kestrel_protocols::{agent_ttrpc, health_ttrpc, types};
 
@@ -225,7 +225,11 @@ impl health_ttrpc::Health for HealthService {
         Ok(resp)
     }
 
-    async fn version(&self, _: &TtrpcContext, _: CheckRequest) -> ttrpc::Result<VersionCheckResponse> {
+    async fn version(
+        &self,
+        _: &TtrpcContext,
+        _: CheckRequest,
+    ) -> ttrpc::Result<VersionCheckResponse> {
         let mut resp = VersionCheckResponse::new();
         resp.agent_version = crate::VERSION.to_string();
         resp.grpc_version = crate::API_VERSION.to_string();
@@ -234,7 +238,9 @@ impl health_ttrpc::Health for HealthService {
 }
 
 /// Both services, ready for a ttrpc server.
-pub fn services(sandbox: Arc<Sandbox>) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 2] {
+pub fn services(
+    sandbox: Arc<Sandbox>,
+) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 2] {
     [
         agent_ttrpc::create_agent_service(Arc::new(AgentService::new(sandbox))),
         health_ttrpc::create_health(Arc::new(HealthService)),

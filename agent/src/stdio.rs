@@ -9,9 +9,9 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use nix::fcntl::OFlag;
 use nix::pty::{openpty, Winsize};
 use nix::unistd::pipe2;
-use nix::fcntl::OFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
@@ -124,11 +124,19 @@ impl ProcessIo {
     pub fn new(terminal: bool, size: Option<(u16, u16)>) -> Result<(ProcessIo, ChildStdio)> {
         let sys = |what: &str, e: nix::Error| Error::internal(what, e);
         if terminal {
-            let ws = size.map(|(rows, cols)| Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 });
+            let ws = size.map(|(rows, cols)| Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            });
             let pty = openpty(ws.as_ref(), None).map_err(|e| sys("openpty", e))?;
             for fd in [&pty.master, &pty.slave] {
-                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                    .map_err(|e| sys("pty", e))?;
+                nix::fcntl::fcntl(
+                    fd.as_raw_fd(),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                )
+                .map_err(|e| sys("pty", e))?;
             }
             let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::internal("dup pty", e));
             let reader = pipe::Receiver::from_owned_fd_unchecked(dup(&pty.master)?)
@@ -137,21 +145,47 @@ impl ProcessIo {
                 .map_err(|e| Error::internal("pty writer", e))?;
             let stdout = Arc::new(OutputBuffer::default());
             stdout.pump(reader);
-            let child = ChildStdio { stdin: dup(&pty.slave)?, stdout: dup(&pty.slave)?, stderr: pty.slave };
-            let io = ProcessIo { stdin: tokio::sync::Mutex::new(Some(writer)), stdout, stderr: None, pty: Some(pty.master) };
+            let child = ChildStdio {
+                stdin: dup(&pty.slave)?,
+                stdout: dup(&pty.slave)?,
+                stderr: pty.slave,
+            };
+            let io = ProcessIo {
+                stdin: tokio::sync::Mutex::new(Some(writer)),
+                stdout,
+                stderr: None,
+                pty: Some(pty.master),
+            };
             return Ok((io, child));
         }
         let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e));
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        let stdin = pipe::Sender::from_owned_fd(in_w).map_err(|e| Error::internal("stdin pipe", e))?;
+        let stdin =
+            pipe::Sender::from_owned_fd(in_w).map_err(|e| Error::internal("stdin pipe", e))?;
         let stdout = Arc::new(OutputBuffer::default());
-        stdout.pump(pipe::Receiver::from_owned_fd(out_r).map_err(|e| Error::internal("stdout pipe", e))?);
+        stdout.pump(
+            pipe::Receiver::from_owned_fd(out_r).map_err(|e| Error::internal("stdout pipe", e))?,
+        );
         let stderr = Arc::new(OutputBuffer::default());
-        stderr.pump(pipe::Receiver::from_owned_fd(err_r).map_err(|e| Error::internal("stderr pipe", e))?);
-        let io = ProcessIo { stdin: tokio::sync::Mutex::new(Some(stdin)), stdout, stderr: Some(stderr), pty: None };
-        Ok((io, ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w }))
+        stderr.pump(
+            pipe::Receiver::from_owned_fd(err_r).map_err(|e| Error::internal("stderr pipe", e))?,
+        );
+        let io = ProcessIo {
+            stdin: tokio::sync::Mutex::new(Some(stdin)),
+            stdout,
+            stderr: Some(stderr),
+            pty: None,
+        };
+        Ok((
+            io,
+            ChildStdio {
+                stdin: in_r,
+                stdout: out_w,
+                stderr: err_w,
+            },
+        ))
     }
 
     pub async fn read_stdout(&self, max: usize) -> Result<Vec<u8>> {
@@ -161,7 +195,9 @@ impl ProcessIo {
     pub async fn read_stderr(&self, max: usize) -> Result<Vec<u8>> {
         match &self.stderr {
             Some(b) => b.read(max).await,
-            None => Err(Error::EndOfStream("a terminal process has no separate stderr".into())),
+            None => Err(Error::EndOfStream(
+                "a terminal process has no separate stderr".into(),
+            )),
         }
     }
 
@@ -176,7 +212,9 @@ impl ProcessIo {
             .as_mut()
             .ok_or_else(|| Error::FailedPrecondition("stdin is closed".into()))?;
         w.write_all(data).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe => Error::FailedPrecondition("stdin is closed: nothing reads it any more".into()),
+            std::io::ErrorKind::BrokenPipe => {
+                Error::FailedPrecondition("stdin is closed: nothing reads it any more".into())
+            }
             _ => Error::internal("writing stdin", e),
         })?;
         Ok(data.len())
@@ -187,7 +225,9 @@ impl ProcessIo {
         let mut stdin = self.stdin.lock().await;
         if self.pty.is_some() {
             if let Some(w) = stdin.as_mut() {
-                w.write_all(&[VEOF]).await.map_err(|e| Error::internal("writing EOF to the terminal", e))?;
+                w.write_all(&[VEOF])
+                    .await
+                    .map_err(|e| Error::internal("writing EOF to the terminal", e))?;
             }
             return Ok(());
         }
@@ -200,11 +240,19 @@ impl ProcessIo {
             .pty
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("the process has no terminal".into()))?;
-        let ws = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads one Winsize from the pointer we pass.
         let rc = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if rc != 0 {
-            return Err(Error::internal("resizing the terminal", std::io::Error::last_os_error()));
+            return Err(Error::internal(
+                "resizing the terminal",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -238,8 +286,17 @@ mod tests {
         assert_eq!(io.write_stdin(b"abc").await.unwrap(), 3);
         io.write_stdin(b"").await.unwrap();
         let mut buf = [0u8; 8];
-        assert_eq!(nix::unistd::read(child.stdin.as_raw_fd(), &mut buf).unwrap(), 3);
-        assert_eq!(nix::unistd::read(child.stdin.as_raw_fd(), &mut buf).unwrap(), 0);
-        assert!(matches!(io.write_stdin(b"x").await, Err(Error::FailedPrecondition(_))));
+        assert_eq!(
+            nix::unistd::read(child.stdin.as_raw_fd(), &mut buf).unwrap(),
+            3
+        );
+        assert_eq!(
+            nix::unistd::read(child.stdin.as_raw_fd(), &mut buf).unwrap(),
+            0
+        );
+        assert!(matches!(
+            io.write_stdin(b"x").await,
+            Err(Error::FailedPrecondition(_))
+        ));
     }
 }

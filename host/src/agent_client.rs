@@ -14,7 +14,11 @@ pub enum CheckError {
     #[error(transparent)]
     Dial(#[from] DialError),
     #[error("{method} on {address}: {message}")]
-    Rpc { method: &'static str, address: String, message: String },
+    Rpc {
+        method: &'static str,
+        address: String,
+        message: String,
+    },
 }
 
 /// What Health.Check and Health.Version answered.
@@ -38,8 +42,14 @@ pub async fn check(address: &Address, timeout: Duration) -> Result<Health, Check
             message: e.to_string(),
         }
     };
-    let check = client.check(ctx(), &CheckRequest::new()).await.map_err(rpc("Health.Check"))?;
-    let version = client.version(ctx(), &CheckRequest::new()).await.map_err(rpc("Health.Version"))?;
+    let check = client
+        .check(ctx(), &CheckRequest::new())
+        .await
+        .map_err(rpc("Health.Check"))?;
+    let version = client
+        .version(ctx(), &CheckRequest::new())
+        .await
+        .map_err(rpc("Health.Version"))?;
     let status = check.status.enum_value_or(ServingStatus::UNKNOWN);
     Ok(Health {
         status: format!("{status:?}"),

@@ -36,7 +36,11 @@ pub enum DialError {
     #[error("connecting to {address}: {message}")]
     Transport { address: String, message: String },
     #[error("hybrid vsock handshake with {path} for port {port}: {message}")]
-    Handshake { path: String, port: u32, message: String },
+    Handshake {
+        path: String,
+        port: u32,
+        message: String,
+    },
     #[error("connecting to {address}: no answer within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
 }
@@ -67,7 +71,10 @@ impl std::str::FromStr for Address {
             if path.is_empty() {
                 return Err(bad());
             }
-            return Ok(Address::Hvsock { path: path.into(), port: port.parse().map_err(|_| bad())? });
+            return Ok(Address::Hvsock {
+                path: path.into(),
+                port: port.parse().map_err(|_| bad())?,
+            });
         }
         Err(bad())
     }
@@ -87,26 +94,39 @@ impl std::fmt::Display for Address {
 pub async fn connect(address: &Address, timeout: Duration) -> Result<Client, DialError> {
     tokio::time::timeout(timeout, connect_inner(address))
         .await
-        .map_err(|_| DialError::Timeout { address: address.to_string(), timeout })?
+        .map_err(|_| DialError::Timeout {
+            address: address.to_string(),
+            timeout,
+        })?
 }
 
 async fn connect_inner(address: &Address) -> Result<Client, DialError> {
     match address {
         Address::Unix(path) => {
-            let stream = UnixStream::connect(path).await.map_err(|source| DialError::Connect {
-                address: address.to_string(),
-                source,
-            })?;
+            let stream = UnixStream::connect(path)
+                .await
+                .map_err(|source| DialError::Connect {
+                    address: address.to_string(),
+                    source,
+                })?;
             Ok(client_from(stream))
         }
-        Address::Vsock { .. } => Client::connect(&address.to_string()).await.map_err(|e| {
-            DialError::Transport { address: address.to_string(), message: e.to_string() }
-        }),
+        Address::Vsock { .. } => {
+            Client::connect(&address.to_string())
+                .await
+                .map_err(|e| DialError::Transport {
+                    address: address.to_string(),
+                    message: e.to_string(),
+                })
+        }
         Address::Hvsock { path, port } => {
-            let mut stream = UnixStream::connect(path).await.map_err(|source| DialError::Connect {
-                address: address.to_string(),
-                source,
-            })?;
+            let mut stream =
+                UnixStream::connect(path)
+                    .await
+                    .map_err(|source| DialError::Connect {
+                        address: address.to_string(),
+                        source,
+                    })?;
             handshake(&mut stream, path, *port).await?;
             Ok(client_from(stream))
         }
@@ -114,15 +134,26 @@ async fn connect_inner(address: &Address) -> Result<Client, DialError> {
 }
 
 fn client_from(stream: UnixStream) -> Client {
-    let fd = stream.into_std().expect("a tokio UnixStream converts to std").into_raw_fd();
+    let fd = stream
+        .into_std()
+        .expect("a tokio UnixStream converts to std")
+        .into_raw_fd();
     // SAFETY: `fd` is a connected Unix socket we own and hand over whole.
     unsafe { Client::from_raw_unix_socket_fd(fd) }
 }
 
 /// The hybrid vsock handshake. Reads the answer a byte at a time so that
 /// nothing after the newline (the agent's first bytes) is consumed.
-async fn handshake(stream: &mut UnixStream, path: &std::path::Path, port: u32) -> Result<(), DialError> {
-    let fail = |message: String| DialError::Handshake { path: path.display().to_string(), port, message };
+async fn handshake(
+    stream: &mut UnixStream,
+    path: &std::path::Path,
+    port: u32,
+) -> Result<(), DialError> {
+    let fail = |message: String| DialError::Handshake {
+        path: path.display().to_string(),
+        port,
+        message,
+    };
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
@@ -130,9 +161,14 @@ async fn handshake(stream: &mut UnixStream, path: &std::path::Path, port: u32) -
     let mut line = Vec::new();
     loop {
         let mut byte = [0u8; 1];
-        let n = stream.read(&mut byte).await.map_err(|e| fail(format!("reading the answer: {e}")))?;
+        let n = stream
+            .read(&mut byte)
+            .await
+            .map_err(|e| fail(format!("reading the answer: {e}")))?;
         if n == 0 {
-            return Err(fail("the VMM closed the connection: nothing listens on that port in the guest".into()));
+            return Err(fail(
+                "the VMM closed the connection: nothing listens on that port in the guest".into(),
+            ));
         }
         if byte[0] == b'\n' {
             break;
@@ -144,7 +180,11 @@ async fn handshake(stream: &mut UnixStream, path: &std::path::Path, port: u32) -
     }
     let text = String::from_utf8_lossy(&line);
     let mut words = text.split_whitespace();
-    match (words.next(), words.next().map(str::parse::<u32>), words.next()) {
+    match (
+        words.next(),
+        words.next().map(str::parse::<u32>),
+        words.next(),
+    ) {
         (Some("OK"), Some(Ok(_)), None) => Ok(()),
         _ => Err(fail(format!("expected \"OK <port>\", got {text:?}"))),
     }
@@ -156,18 +196,38 @@ mod tests {
 
     #[test]
     fn addresses_parse() {
-        assert_eq!("unix:///run/a.sock".parse::<Address>().unwrap(), Address::Unix("/run/a.sock".into()));
-        assert_eq!("vsock://3:1024".parse::<Address>().unwrap(), Address::Vsock { cid: 3, port: 1024 });
+        assert_eq!(
+            "unix:///run/a.sock".parse::<Address>().unwrap(),
+            Address::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "vsock://3:1024".parse::<Address>().unwrap(),
+            Address::Vsock { cid: 3, port: 1024 }
+        );
         assert_eq!(
             "hvsock:///run/vm/v.sock:1024".parse::<Address>().unwrap(),
-            Address::Hvsock { path: "/run/vm/v.sock".into(), port: 1024 }
+            Address::Hvsock {
+                path: "/run/vm/v.sock".into(),
+                port: 1024
+            }
         );
     }
 
     #[test]
     fn malformed_addresses_are_rejected() {
-        for bad in ["", "tcp://1.2.3.4:1", "unix://", "vsock://3", "vsock://x:1", "hvsock://:1024", "hvsock:///p:port"] {
-            assert!(matches!(bad.parse::<Address>(), Err(DialError::BadAddress(_))), "{bad}");
+        for bad in [
+            "",
+            "tcp://1.2.3.4:1",
+            "unix://",
+            "vsock://3",
+            "vsock://x:1",
+            "hvsock://:1024",
+            "hvsock:///p:port",
+        ] {
+            assert!(
+                matches!(bad.parse::<Address>(), Err(DialError::BadAddress(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -180,7 +240,9 @@ mod tests {
             assert_eq!(&buf, b"CONNECT 1024\n");
             vmm.write_all(b"OK 1073741824\nfirst").await.unwrap();
         });
-        handshake(&mut ours, std::path::Path::new("v.sock"), 1024).await.unwrap();
+        handshake(&mut ours, std::path::Path::new("v.sock"), 1024)
+            .await
+            .unwrap();
         let mut rest = [0u8; 5];
         ours.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"first");
@@ -194,13 +256,17 @@ mod tests {
             let mut buf = [0u8; 13];
             vmm.read_exact(&mut buf).await.unwrap();
         });
-        let err = handshake(&mut ours, std::path::Path::new("v.sock"), 1024).await.unwrap_err();
+        let err = handshake(&mut ours, std::path::Path::new("v.sock"), 1024)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("nothing listens"), "{err}");
         peer.await.unwrap();
 
         let (mut ours, mut vmm) = UnixStream::pair().unwrap();
         vmm.write_all(b"NOPE\n").await.unwrap();
-        let err = handshake(&mut ours, std::path::Path::new("v.sock"), 1024).await.unwrap_err();
+        let err = handshake(&mut ours, std::path::Path::new("v.sock"), 1024)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("NOPE"), "{err}");
     }
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_protocols::agent::{CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest, StartContainerRequest, WaitProcessRequest};
+use kestrel_protocols::agent::{
+    CreateContainerRequest, ReadStreamRequest, RemoveContainerRequest, StartContainerRequest,
+    WaitProcessRequest,
+};
 use kestrel_protocols::agent_ttrpc::AgentServiceClient;
 use kestrel_protocols::health_ttrpc::HealthClient;
 use kestrel_protocols::oci;
@@ -46,7 +49,10 @@ pub fn require(test: &str) -> bool {
 /// (`cargo build --workspace` puts it there).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -83,10 +89,36 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
     s.Hostname = "kestrel-test".into();
     let mounts: &[(&str, &str, &str, &[&str])] = &[
         ("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
-        ("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"]),
-        ("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
-        ("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
-        ("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"]),
+        (
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        ),
+        (
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+            ],
+        ),
+        (
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        ),
+        (
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        ),
     ];
     for (dest, ty, src, opts) in mounts {
         let mut m = oci::Mount::new();
@@ -115,10 +147,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Agent {
+        Agent::start_binary(&binary("kestrel-agent"))
+    }
+
+    /// Starts a specific agent binary (the benchmark uses the static one).
+    pub fn start_binary(program: &Path) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let shared_dir = dir.path().join("shared");
-        let child = Command::new(binary("kestrel-agent"))
+        let child = Command::new(program)
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .arg("--shared-dir")
@@ -130,10 +167,18 @@ impl Agent {
             .expect("starting kestrel-agent");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "kestrel-agent did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "kestrel-agent did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
-        Agent { dir, socket, shared_dir, child }
+        Agent {
+            dir,
+            socket,
+            shared_dir,
+            child,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -193,7 +238,12 @@ pub fn create_request(id: &str, spec: oci::Spec) -> CreateContainerRequest {
 }
 
 /// Reads a stream until the agent reports its end.
-pub async fn read_all(client: &AgentServiceClient, id: &str, exec_id: &str, stderr: bool) -> Vec<u8> {
+pub async fn read_all(
+    client: &AgentServiceClient,
+    id: &str,
+    exec_id: &str,
+    stderr: bool,
+) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let mut req = ReadStreamRequest::new();
@@ -216,7 +266,10 @@ pub async fn read_all(client: &AgentServiceClient, id: &str, exec_id: &str, stde
 pub async fn start(client: &AgentServiceClient, id: &str) {
     let mut req = StartContainerRequest::new();
     req.container_id = id.into();
-    client.start_container(prompt(), &req).await.expect("StartContainer");
+    client
+        .start_container(prompt(), &req)
+        .await
+        .expect("StartContainer");
 }
 
 pub async fn wait(client: &AgentServiceClient, id: &str, exec_id: &str) -> ttrpc::Result<i32> {
@@ -236,9 +289,15 @@ pub async fn remove(client: &AgentServiceClient, id: &str) -> ttrpc::Result<()> 
 /// Creates and starts a container, collects stdout and stderr, waits for
 /// its exit and removes it.
 pub async fn run(client: &AgentServiceClient, id: &str, spec: oci::Spec) -> (String, String, i32) {
-    client.create_container(prompt(), &create_request(id, spec)).await.expect("CreateContainer");
+    client
+        .create_container(prompt(), &create_request(id, spec))
+        .await
+        .expect("CreateContainer");
     start(client, id).await;
-    let (out, err) = tokio::join!(read_all(client, id, "", false), read_all(client, id, "", true));
+    let (out, err) = tokio::join!(
+        read_all(client, id, "", false),
+        read_all(client, id, "", true)
+    );
     let status = wait(client, id, "").await.expect("WaitProcess");
     remove(client, id).await.expect("RemoveContainer");
     (
@@ -266,10 +325,13 @@ pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 pub fn cgroup_frozen(id: &str) -> bool {
     let root = Path::new("/sys/fs/cgroup");
     if root.join("cgroup.controllers").exists() {
-        let events = std::fs::read_to_string(root.join("kestrel").join(id).join("cgroup.events")).unwrap_or_default();
+        let events = std::fs::read_to_string(root.join("kestrel").join(id).join("cgroup.events"))
+            .unwrap_or_default();
         events.lines().any(|l| l == "frozen 1")
     } else {
-        let state = std::fs::read_to_string(root.join("freezer/kestrel").join(id).join("freezer.state")).unwrap_or_default();
+        let state =
+            std::fs::read_to_string(root.join("freezer/kestrel").join(id).join("freezer.state"))
+                .unwrap_or_default();
         state.trim() == "FROZEN"
     }
 }
@@ -283,4 +345,48 @@ pub fn mounts_under(path: &Path) -> Vec<String> {
         .filter(|l| l.contains(&needle))
         .map(str::to_string)
         .collect()
+}
+
+/// Whether `path` is an ELF executable without a program interpreter,
+/// i.e. statically linked.
+pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let bytes = std::fs::read(path)?;
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if bytes.get(..5) != Some(b"\x7fELF\x02") {
+        return Ok(false);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return Ok(false);
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..phnum as usize)
+        .all(|i| u32_at(phoff as usize + i * phentsize as usize) != Some(PT_INTERP)))
+}
+
+/// The statically linked release agent that goes into the guest image,
+/// built with `RUSTFLAGS="-C target-feature=+crt-static" cargo build
+/// --release --target x86_64-unknown-linux-gnu -p kestrel-agent`.
+pub fn static_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let target = exe
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "target"))?;
+    let path = target.join("x86_64-unknown-linux-gnu/release/kestrel-agent");
+    path.exists().then_some(path)
 }

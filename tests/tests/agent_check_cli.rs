@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use kestrel_tests::*;
 
 fn kestrel(args: &[&str]) -> Output {
-    Command::new(binary("kestrel")).args(args).output().expect("running kestrel")
+    Command::new(binary("kestrel"))
+        .args(args)
+        .output()
+        .expect("running kestrel")
 }
 
 /// Accepts one connection at `path` and behaves like a VMM's hybrid vsock
@@ -44,11 +47,19 @@ fn check_over_unix_prints_serving_and_version() {
         return;
     }
     let agent = Agent::start();
-    let out = kestrel(&["agent", "check", "--address", &format!("unix://{}", agent.socket.display())]);
+    let out = kestrel(&[
+        "agent",
+        "check",
+        "--address",
+        &format!("unix://{}", agent.socket.display()),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout.lines().next(), Some("SERVING"));
-    assert!(stdout.contains(&format!("agent version {}", env!("CARGO_PKG_VERSION"))), "{stdout}");
+    assert!(
+        stdout.contains(&format!("agent version {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -59,7 +70,13 @@ fn check_over_hybrid_vsock_does_the_connect_handshake() {
     let agent = Agent::start();
     let hv = agent.dir.path().join("hv.sock");
     let vmm = hybrid_vsock(&hv, &agent.socket);
-    let out = kestrel(&["agent", "check", "--json", "--address", &format!("hvsock://{}:1024", hv.display())]);
+    let out = kestrel(&[
+        "agent",
+        "check",
+        "--json",
+        "--address",
+        &format!("hvsock://{}:1024", hv.display()),
+    ]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("\"serving\":true"), "{stdout}");
@@ -70,14 +87,24 @@ fn check_over_hybrid_vsock_does_the_connect_handshake() {
 fn check_fails_clearly_when_nothing_listens() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("none.sock");
-    let out = kestrel(&["agent", "check", "--address", &format!("unix://{}", missing.display())]);
+    let out = kestrel(&[
+        "agent",
+        "check",
+        "--address",
+        &format!("unix://{}", missing.display()),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("none.sock"), "{stderr}");
 
     let hv = dir.path().join("hv.sock");
     let vmm = hybrid_vsock(&hv, &missing);
-    let out = kestrel(&["agent", "check", "--address", &format!("hvsock://{}:2000", hv.display())]);
+    let out = kestrel(&[
+        "agent",
+        "check",
+        "--address",
+        &format!("hvsock://{}:2000", hv.display()),
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nothing listens on that port"), "{stderr}");

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kestrel_protocols::agent::*;
-use kestrel_protocols::health::{health_check_response::ServingStatus, CheckRequest};
 use kestrel_protocols::agent_ttrpc::AgentServiceClient;
+use kestrel_protocols::health::{health_check_response::ServingStatus, CheckRequest};
 use kestrel_protocols::oci;
 use kestrel_protocols::ttrpc::Code;
 use kestrel_tests::*;
@@ -19,10 +19,19 @@ macro_rules! require {
 }
 
 async fn create(client: &AgentServiceClient, id: &str, spec: oci::Spec) {
-    client.create_container(prompt(), &create_request(id, spec)).await.expect("CreateContainer");
+    client
+        .create_container(prompt(), &create_request(id, spec))
+        .await
+        .expect("CreateContainer");
 }
 
-async fn exec(client: &AgentServiceClient, id: &str, exec_id: &str, args: &[&str], terminal: bool) -> kestrel_protocols::ttrpc::Result<()> {
+async fn exec(
+    client: &AgentServiceClient,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+    terminal: bool,
+) -> kestrel_protocols::ttrpc::Result<()> {
     let mut req = ExecProcessRequest::new();
     req.container_id = id.into();
     req.exec_id = exec_id.into();
@@ -34,7 +43,12 @@ async fn exec(client: &AgentServiceClient, id: &str, exec_id: &str, args: &[&str
     client.exec_process(prompt(), &req).await.map(drop)
 }
 
-async fn signal(client: &AgentServiceClient, id: &str, exec_id: &str, sig: i32) -> kestrel_protocols::ttrpc::Result<()> {
+async fn signal(
+    client: &AgentServiceClient,
+    id: &str,
+    exec_id: &str,
+    sig: i32,
+) -> kestrel_protocols::ttrpc::Result<()> {
     let mut req = SignalProcessRequest::new();
     req.container_id = id.into();
     req.exec_id = exec_id.into();
@@ -49,7 +63,10 @@ async fn health_check_answers_serving_with_the_agent_version() {
     let (_, health) = agent.client().await;
     let resp = health.check(prompt(), &CheckRequest::new()).await.unwrap();
     assert_eq!(resp.status.enum_value(), Ok(ServingStatus::SERVING));
-    let version = health.version(prompt(), &CheckRequest::new()).await.unwrap();
+    let version = health
+        .version(prompt(), &CheckRequest::new())
+        .await
+        .unwrap();
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
 }
 
@@ -71,10 +88,19 @@ async fn exit_status_is_reported_and_repeated_until_removal() {
     let agent = Agent::start();
     let (client, _) = agent.client().await;
     let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "exit7", spec(&rootfs, &["sh", "-c", "echo oops >&2; exit 7"])).await;
+    create(
+        &client,
+        "exit7",
+        spec(&rootfs, &["sh", "-c", "echo oops >&2; exit 7"]),
+    )
+    .await;
     start(&client, "exit7").await;
     assert_eq!(wait(&client, "exit7", "").await.unwrap(), 7);
-    assert_eq!(wait(&client, "exit7", "exit7").await.unwrap(), 7, "second wait");
+    assert_eq!(
+        wait(&client, "exit7", "exit7").await.unwrap(),
+        7,
+        "second wait"
+    );
     assert_eq!(read_all(&client, "exit7", "", true).await, b"oops\n");
     remove(&client, "exit7").await.unwrap();
     let err = wait(&client, "exit7", "").await.unwrap_err();
@@ -87,7 +113,15 @@ async fn container_sees_its_own_hostname_pid_namespace_and_rootfs() {
     let agent = Agent::start();
     let (client, _) = agent.client().await;
     let rootfs = busybox_rootfs(agent.dir.path());
-    let (out, _, status) = run(&client, "isolated", spec(&rootfs, &["sh", "-c", "hostname; echo pid=$$; ls /bin/busybox; pwd"])).await;
+    let (out, _, status) = run(
+        &client,
+        "isolated",
+        spec(
+            &rootfs,
+            &["sh", "-c", "hostname; echo pid=$$; ls /bin/busybox; pwd"],
+        ),
+    )
+    .await;
     assert_eq!(status, 0);
     assert_eq!(out, "kestrel-test\npid=1\n/bin/busybox\n/\n");
 }
@@ -100,17 +134,32 @@ async fn exec_runs_inside_the_running_container() {
     let rootfs = busybox_rootfs(agent.dir.path());
     create(&client, "svc", spec(&rootfs, &["sleep", "1000"])).await;
     start(&client, "svc").await;
-    exec(&client, "svc", "e1", &["sh", "-c", "hostname; echo in-pidns=$$; exit 3"], false).await.unwrap();
+    exec(
+        &client,
+        "svc",
+        "e1",
+        &["sh", "-c", "hostname; echo in-pidns=$$; exit 3"],
+        false,
+    )
+    .await
+    .unwrap();
     let out = read_all(&client, "svc", "e1", false).await;
     let text = String::from_utf8(out).unwrap();
     assert!(text.starts_with("kestrel-test\nin-pidns="), "{text}");
     let pid: u32 = text.trim().rsplit('=').next().unwrap().parse().unwrap();
-    assert!(pid < 100, "exec'd process should have a small pid in the container's namespace, got {pid}");
+    assert!(
+        pid < 100,
+        "exec'd process should have a small pid in the container's namespace, got {pid}"
+    );
     assert_eq!(wait(&client, "svc", "e1").await.unwrap(), 3);
 
-    let dup = exec(&client, "svc", "e1", &["true"], false).await.unwrap_err();
+    let dup = exec(&client, "svc", "e1", &["true"], false)
+        .await
+        .unwrap_err();
     assert_eq!(code(&dup), Code::ALREADY_EXISTS);
-    let missing = exec(&client, "svc", "e2", &["no-such-program"], false).await.unwrap_err();
+    let missing = exec(&client, "svc", "e2", &["no-such-program"], false)
+        .await
+        .unwrap_err();
     assert_eq!(code(&missing), Code::INVALID_ARGUMENT);
     assert!(format!("{missing:?}").contains("no-such-program"));
     remove(&client, "svc").await.unwrap();
@@ -143,11 +192,19 @@ async fn sigkill_and_sigterm_give_137_and_143() {
     let rootfs = busybox_rootfs(agent.dir.path());
     create(&client, "sig", spec(&rootfs, &["sleep", "1000"])).await;
     start(&client, "sig").await;
-    exec(&client, "sig", "term", &["sleep", "1000"], false).await.unwrap();
+    exec(&client, "sig", "term", &["sleep", "1000"], false)
+        .await
+        .unwrap();
     signal(&client, "sig", "term", libc::SIGTERM).await.unwrap();
     assert_eq!(wait(&client, "sig", "term").await.unwrap(), 143);
-    let again = signal(&client, "sig", "term", libc::SIGTERM).await.unwrap_err();
-    assert_eq!(code(&again), Code::NOT_FOUND, "signal to a finished process");
+    let again = signal(&client, "sig", "term", libc::SIGTERM)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(&again),
+        Code::NOT_FOUND,
+        "signal to a finished process"
+    );
 
     signal(&client, "sig", "sig", libc::SIGKILL).await.unwrap();
     assert_eq!(wait(&client, "sig", "").await.unwrap(), 137);
@@ -164,7 +221,9 @@ async fn empty_exec_id_signals_every_process() {
     let rootfs = busybox_rootfs(agent.dir.path());
     create(&client, "all", spec(&rootfs, &["sleep", "1000"])).await;
     start(&client, "all").await;
-    exec(&client, "all", "x", &["sleep", "1000"], false).await.unwrap();
+    exec(&client, "all", "x", &["sleep", "1000"], false)
+        .await
+        .unwrap();
     signal(&client, "all", "", libc::SIGKILL).await.unwrap();
     assert_eq!(wait(&client, "all", "x").await.unwrap(), 137);
     assert_eq!(wait(&client, "all", "").await.unwrap(), 137);
@@ -189,7 +248,9 @@ async fn pause_freezes_and_resume_thaws() {
     r.container_id = "pz".into();
     client.resume_container(prompt(), &r).await.unwrap();
     assert!(!cgroup_frozen("pz"));
-    exec(&client, "pz", "after", &["true"], false).await.unwrap();
+    exec(&client, "pz", "after", &["true"], false)
+        .await
+        .unwrap();
     assert_eq!(wait(&client, "pz", "after").await.unwrap(), 0);
     remove(&client, "pz").await.unwrap();
 }
@@ -202,19 +263,36 @@ async fn stats_report_cpu_memory_and_pids() {
     let rootfs = busybox_rootfs(agent.dir.path());
     let busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo ready; sleep 1000";
     let mut s = spec(&rootfs, &["sh", "-c", busy]);
-    s.Linux.mut_or_insert_default().Resources.mut_or_insert_default().Pids.mut_or_insert_default().Limit = 64;
+    s.Linux
+        .mut_or_insert_default()
+        .Resources
+        .mut_or_insert_default()
+        .Pids
+        .mut_or_insert_default()
+        .Limit = 64;
     create(&client, "st", s).await;
     start(&client, "st").await;
     let mut r = ReadStreamRequest::new();
     r.container_id = "st".into();
     r.len = 6;
-    assert_eq!(client.read_stdout(forever(), &r).await.unwrap().data, b"ready\n");
+    assert_eq!(
+        client.read_stdout(forever(), &r).await.unwrap().data,
+        b"ready\n"
+    );
     let mut req = StatsContainerRequest::new();
     req.container_id = "st".into();
     let stats = client.stats_container(prompt(), &req).await.unwrap();
     let cg = stats.cgroup_stats.as_ref().unwrap();
-    assert!(cg.cpu_stats.cpu_usage.total_usage > 0, "cpu {:?}", cg.cpu_stats);
-    assert!(cg.memory_stats.usage.usage > 0, "memory {:?}", cg.memory_stats);
+    assert!(
+        cg.cpu_stats.cpu_usage.total_usage > 0,
+        "cpu {:?}",
+        cg.cpu_stats
+    );
+    assert!(
+        cg.memory_stats.usage.usage > 0,
+        "memory {:?}",
+        cg.memory_stats
+    );
     assert!(cg.pids_stats.current >= 1);
     assert_eq!(cg.pids_stats.limit, 64);
     remove(&client, "st").await.unwrap();
@@ -228,15 +306,25 @@ async fn remove_container_removes_its_cgroup_mounts_and_processes() {
     let rootfs = busybox_rootfs(agent.dir.path());
     create(&client, "rm", spec(&rootfs, &["sleep", "1000"])).await;
     start(&client, "rm").await;
-    exec(&client, "rm", "bg", &["sleep", "1000"], false).await.unwrap();
+    exec(&client, "rm", "bg", &["sleep", "1000"], false)
+        .await
+        .unwrap();
     assert!(cgroup_dirs("rm").iter().all(|d| d.is_dir()));
     remove(&client, "rm").await.unwrap();
     for d in cgroup_dirs("rm") {
         assert!(!d.exists(), "{} left behind", d.display());
     }
     assert_eq!(mounts_under(&rootfs), Vec::<String>::new());
-    assert_eq!(code(&remove(&client, "rm").await.unwrap_err()), Code::NOT_FOUND);
-    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", agent.pid(), agent.pid())).unwrap_or_default();
+    assert_eq!(
+        code(&remove(&client, "rm").await.unwrap_err()),
+        Code::NOT_FOUND
+    );
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        agent.pid(),
+        agent.pid()
+    ))
+    .unwrap_or_default();
     assert_eq!(children.trim(), "", "the agent still has children");
 }
 
@@ -246,7 +334,14 @@ async fn terminal_process_gets_a_resizable_pty() {
     let agent = Agent::start();
     let (client, _) = agent.client().await;
     let rootfs = busybox_rootfs(agent.dir.path());
-    let mut s = spec(&rootfs, &["sh", "-c", "[ -t 0 ] && echo is-a-terminal; read line; stty size"]);
+    let mut s = spec(
+        &rootfs,
+        &[
+            "sh",
+            "-c",
+            "[ -t 0 ] && echo is-a-terminal; read line; stty size",
+        ],
+    );
     s.Process.mut_or_insert_default().Terminal = true;
     create(&client, "tty", s).await;
     start(&client, "tty").await;
@@ -272,13 +367,25 @@ async fn memory_limit_breach_is_reported_by_get_oom_event() {
     let agent = Agent::start();
     let (client, _) = agent.client().await;
     let rootfs = busybox_rootfs(agent.dir.path());
-    let mut s = spec(&rootfs, &["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"]);
-    s.Linux.mut_or_insert_default().Resources.mut_or_insert_default().Memory.mut_or_insert_default().Limit = 32 << 20;
+    let mut s = spec(
+        &rootfs,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
+    );
+    s.Linux
+        .mut_or_insert_default()
+        .Resources
+        .mut_or_insert_default()
+        .Memory
+        .mut_or_insert_default()
+        .Limit = 32 << 20;
     create(&client, "oom", s).await;
     start(&client, "oom").await;
     let request = GetOOMEventRequest::new();
     let oom = client.get_oom_event(forever(), &request);
-    let event = tokio::time::timeout(Duration::from_secs(20), oom).await.expect("no OOM event").unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(20), oom)
+        .await
+        .expect("no OOM event")
+        .unwrap();
     assert_eq!(event.container_id, "oom");
     assert_eq!(wait(&client, "oom", "").await.unwrap(), 137);
     remove(&client, "oom").await.unwrap();
@@ -292,17 +399,39 @@ async fn bad_ids_are_invalid_arguments_and_unknown_ids_not_found() {
     let rootfs = busybox_rootfs(agent.dir.path());
     let long = "x".repeat(129);
     for bad in ["", "../x", "a/b", long.as_str()] {
-        let err = client.create_container(prompt(), &create_request(bad, spec(&rootfs, &["true"]))).await.unwrap_err();
+        let err = client
+            .create_container(prompt(), &create_request(bad, spec(&rootfs, &["true"])))
+            .await
+            .unwrap_err();
         assert_eq!(code(&err), Code::INVALID_ARGUMENT, "{bad:?}");
     }
-    assert_eq!(code(&wait(&client, "never-created", "").await.unwrap_err()), Code::NOT_FOUND);
-    assert_eq!(code(&wait(&client, "a/b", "").await.unwrap_err()), Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code(&wait(&client, "never-created", "").await.unwrap_err()),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(&wait(&client, "a/b", "").await.unwrap_err()),
+        Code::INVALID_ARGUMENT
+    );
 
     create(&client, "dup", spec(&rootfs, &["sleep", "1000"])).await;
-    let err = client.create_container(prompt(), &create_request("dup", spec(&rootfs, &["true"]))).await.unwrap_err();
+    let err = client
+        .create_container(prompt(), &create_request("dup", spec(&rootfs, &["true"])))
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), Code::ALREADY_EXISTS);
-    assert_eq!(code(&exec(&client, "dup", "../e", &["true"], false).await.unwrap_err()), Code::INVALID_ARGUMENT);
-    assert_eq!(code(&wait(&client, "dup", "no-such-exec").await.unwrap_err()), Code::NOT_FOUND);
+    assert_eq!(
+        code(
+            &exec(&client, "dup", "../e", &["true"], false)
+                .await
+                .unwrap_err()
+        ),
+        Code::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(&wait(&client, "dup", "no-such-exec").await.unwrap_err()),
+        Code::NOT_FOUND
+    );
     remove(&client, "dup").await.unwrap();
 }
 
@@ -338,13 +467,22 @@ async fn incomplete_specs_are_rejected_and_leave_nothing_behind() {
     m.type_ = "no-such-filesystem".into();
     m.source = "none".into();
     bad_mount.Mounts.push(m);
-    let err = client.create_container(prompt(), &create_request("c", bad_mount)).await.unwrap_err();
+    let err = client
+        .create_container(prompt(), &create_request("c", bad_mount))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::INVALID_ARGUMENT);
     assert!(format!("{err:?}").contains("/mnt"), "{err:?}");
     for d in cgroup_dirs("c") {
         assert!(!d.exists(), "{} left behind", d.display());
     }
     assert_eq!(mounts_under(&rootfs), Vec::<String>::new());
-    let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", agent.pid(), agent.pid())).unwrap_or_default();
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        agent.pid(),
+        agent.pid()
+    ))
+    .unwrap_or_default();
     assert_eq!(children.trim(), "", "a process was left behind");
     // The id is free again.
     let (out, _, status) = run(&client, "c", spec(&rootfs, &["echo", "ok"])).await;
@@ -360,14 +498,21 @@ async fn copy_file_stays_inside_the_shared_directory() {
     req.file_mode = libc::S_IFREG | 0o644;
     req.data = b"hi".to_vec();
     req.file_size = 2;
-    for bad in ["relative/f".to_string(), format!("{}/../escape", agent.shared_dir.display()), "/etc/kestrel-test".into()] {
+    for bad in [
+        "relative/f".to_string(),
+        format!("{}/../escape", agent.shared_dir.display()),
+        "/etc/kestrel-test".into(),
+    ] {
         req.path = bad.clone();
         let err = client.copy_file(prompt(), &req).await.unwrap_err();
         assert_eq!(code(&err), Code::INVALID_ARGUMENT, "{bad}");
     }
     req.path = format!("{}/c1/rootfs/f", agent.shared_dir.display());
     client.copy_file(prompt(), &req).await.unwrap();
-    assert_eq!(std::fs::read(agent.shared_dir.join("c1/rootfs/f")).unwrap(), b"hi");
+    assert_eq!(
+        std::fs::read(agent.shared_dir.join("c1/rootfs/f")).unwrap(),
+        b"hi"
+    );
 }
 
 #[tokio::test]
@@ -375,15 +520,28 @@ async fn unsupported_methods_answer_unimplemented() {
     require!("unsupported_methods_answer_unimplemented");
     let agent = Agent::start();
     let (client, _) = agent.client().await;
-    let err = client.list_interfaces(prompt(), &ListInterfacesRequest::new()).await.unwrap_err();
+    let err = client
+        .list_interfaces(prompt(), &ListInterfacesRequest::new())
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), Code::UNIMPLEMENTED);
-    let err = client.get_metrics(prompt(), &GetMetricsRequest::new()).await.unwrap_err();
+    let err = client
+        .get_metrics(prompt(), &GetMetricsRequest::new())
+        .await
+        .unwrap_err();
     assert_eq!(code(&err), Code::UNIMPLEMENTED);
     let mut t = SetGuestDateTimeRequest::new();
     t.Sec = 1;
     let err = client.set_guest_date_time(prompt(), &t).await.unwrap_err();
-    assert_eq!(code(&err), Code::FAILED_PRECONDITION, "host mode must not set the host clock");
-    let details = client.get_guest_details(prompt(), &GuestDetailsRequest::new()).await.unwrap();
+    assert_eq!(
+        code(&err),
+        Code::FAILED_PRECONDITION,
+        "host mode must not set the host clock"
+    );
+    let details = client
+        .get_guest_details(prompt(), &GuestDetailsRequest::new())
+        .await
+        .unwrap();
     assert_eq!(details.agent_details.version, env!("CARGO_PKG_VERSION"));
     assert!(!details.agent_details.init_daemon);
 }

@@ -76,7 +76,10 @@ impl Cgroup {
             )));
         }
         let (v2, dirs): (bool, Vec<(String, PathBuf)>) = match hierarchy {
-            Hierarchy::V2 => (true, vec![(String::new(), Path::new(CGROUP_ROOT).join(relative))]),
+            Hierarchy::V2 => (
+                true,
+                vec![(String::new(), Path::new(CGROUP_ROOT).join(relative))],
+            ),
             Hierarchy::V1(controllers) => (
                 false,
                 controllers
@@ -113,7 +116,8 @@ impl Cgroup {
             if self.v2 {
                 enable_v2_controllers(dir)?;
             }
-            fs::create_dir_all(dir).map_err(|e| Error::internal(format!("creating cgroup {}", dir.display()), e))?;
+            fs::create_dir_all(dir)
+                .map_err(|e| Error::internal(format!("creating cgroup {}", dir.display()), e))?;
             if controller == "cpuset" {
                 inherit_cpuset(dir)?;
             }
@@ -169,13 +173,25 @@ impl Cgroup {
                 }
             } else {
                 if m.Limit != 0 {
-                    self.set("memory", "memory.limit_in_bytes", m.Limit.max(-1).to_string())?;
+                    self.set(
+                        "memory",
+                        "memory.limit_in_bytes",
+                        m.Limit.max(-1).to_string(),
+                    )?;
                 }
                 if m.Reservation > 0 {
-                    self.set("memory", "memory.soft_limit_in_bytes", m.Reservation.to_string())?;
+                    self.set(
+                        "memory",
+                        "memory.soft_limit_in_bytes",
+                        m.Reservation.to_string(),
+                    )?;
                 }
                 if m.Swap != 0 {
-                    self.set("memory", "memory.memsw.limit_in_bytes", m.Swap.max(-1).to_string())?;
+                    self.set(
+                        "memory",
+                        "memory.memsw.limit_in_bytes",
+                        m.Swap.max(-1).to_string(),
+                    )?;
                 }
                 if m.DisableOOMKiller {
                     self.set("memory", "memory.oom_control", "1".into())?;
@@ -189,7 +205,11 @@ impl Cgroup {
                     self.set("cpu", "cpu.weight", weight.to_string())?;
                 }
                 if c.Quota != 0 || c.Period != 0 {
-                    let quota = if c.Quota > 0 { c.Quota.to_string() } else { "max".into() };
+                    let quota = if c.Quota > 0 {
+                        c.Quota.to_string()
+                    } else {
+                        "max".into()
+                    };
                     let period = if c.Period > 0 { c.Period } else { 100_000 };
                     self.set("cpu", "cpu.max", format!("{quota} {period}"))?;
                 }
@@ -234,7 +254,9 @@ impl Cgroup {
         let path = dir.join("cgroup.procs");
         let text = match fs::read_to_string(&path) {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            other => other.map_err(|e| Error::internal(format!("reading {}", path.display()), e))?,
+            other => {
+                other.map_err(|e| Error::internal(format!("reading {}", path.display()), e))?
+            }
         };
         Ok(text
             .lines()
@@ -253,21 +275,28 @@ impl Cgroup {
     }
 
     async fn set_frozen(&self, frozen: bool) -> Result<()> {
-        let (file, value, done): (PathBuf, &str, Box<dyn Fn(&str) -> bool + Send>) = if self.v2 {
-            let want = if frozen { "frozen 1" } else { "frozen 0" };
+        // v2: write cgroup.freeze, watch cgroup.events; v1: freezer.state is both.
+        let (file, value, status, settled) = if self.v2 {
+            let dir = &self.dirs[0].1;
+            let (value, settled) = if frozen {
+                ("1", "frozen 1")
+            } else {
+                ("0", "frozen 0")
+            };
             (
-                self.dirs[0].1.join("cgroup.freeze"),
-                if frozen { "1" } else { "0" },
-                Box::new(move |events: &str| events.lines().any(|l| l == want)),
+                dir.join("cgroup.freeze"),
+                value,
+                dir.join("cgroup.events"),
+                settled,
             )
         } else {
-            let state = if frozen { "FROZEN" } else { "THAWED" };
-            let file = self
-                .file("freezer", "freezer.state")
-                .ok_or_else(|| Error::FailedPrecondition("the freezer cgroup controller is not mounted".into()))?;
-            (file, state, Box::new(move |s: &str| s.trim() == state))
+            let file = self.file("freezer", "freezer.state").ok_or_else(|| {
+                Error::FailedPrecondition("the freezer cgroup controller is not mounted".into())
+            })?;
+            let value = if frozen { "FROZEN" } else { "THAWED" };
+            (file.clone(), value, file, value)
         };
-        let status = if self.v2 { self.dirs[0].1.join("cgroup.events") } else { file.clone() };
+        let done = |text: &str| text.lines().any(|l| l.trim() == settled);
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             // v1 can stall in FREEZING when a task is mid-fork; writing
@@ -309,7 +338,11 @@ impl Cgroup {
 
     /// The OOM kills the kernel has counted in this cgroup.
     pub fn oom_kills(&self) -> u64 {
-        let name = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let name = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         self.file("memory", name)
             .and_then(|f| fs::read_to_string(f).ok())
             .map(|t| flat_keyed(&t))
@@ -343,7 +376,11 @@ impl Cgroup {
             usage.percpu_usage = self
                 .file("cpuacct", "cpuacct.usage_percpu")
                 .and_then(|f| fs::read_to_string(f).ok())
-                .map(|t| t.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+                .map(|t| {
+                    t.split_whitespace()
+                        .filter_map(|v| v.parse().ok())
+                        .collect()
+                })
                 .unwrap_or_default();
             let ticks = self.read_keyed("cpuacct", "cpuacct.stat");
             usage.usage_in_usermode = ticks.get("user").copied().unwrap_or(0) * NANOS_PER_TICK;
@@ -366,7 +403,11 @@ impl Cgroup {
             usage.usage = self.read_u64("memory", "memory.current");
             usage.max_usage = self.read_u64("memory", "memory.peak");
             usage.limit = self.read_u64("memory", "memory.max");
-            usage.failcnt = self.read_keyed("memory", "memory.events").get("max").copied().unwrap_or(0);
+            usage.failcnt = self
+                .read_keyed("memory", "memory.events")
+                .get("max")
+                .copied()
+                .unwrap_or(0);
             mem.cache = stat.get("file").copied().unwrap_or(0);
             let mut swap = MemoryData::new();
             swap.usage = self.read_u64("memory", "memory.swap.current");
@@ -416,11 +457,16 @@ impl Cgroup {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(e) => {
-                        return Err(Error::internal(format!("removing cgroup {}", dir.display()), e))
+                        return Err(Error::internal(
+                            format!("removing cgroup {}", dir.display()),
+                            e,
+                        ))
                     }
                 }
             }
@@ -448,7 +494,8 @@ fn flat_keyed(text: &str) -> HashMap<String, u64> {
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).map_err(|e| Error::internal(format!("writing {value:?} to {}", path.display()), e))
+    fs::write(path, value)
+        .map_err(|e| Error::internal(format!("writing {value:?} to {}", path.display()), e))
 }
 
 /// On v2 a controller works in a cgroup only when every ancestor enables
@@ -462,7 +509,8 @@ fn enable_v2_controllers(dir: &Path) -> Result<()> {
         .collect();
     ancestors.reverse();
     for parent in ancestors {
-        fs::create_dir_all(parent).map_err(|e| Error::internal(format!("creating cgroup {}", parent.display()), e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| Error::internal(format!("creating cgroup {}", parent.display()), e))?;
         let available = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
         let enabled = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
         for c in V2_CONTROLLERS {
@@ -478,12 +526,19 @@ fn enable_v2_controllers(dir: &Path) -> Result<()> {
 /// A new v1 cpuset starts with no CPUs and no memory nodes: copy them down
 /// from the parent at every level this container created.
 fn inherit_cpuset(dir: &Path) -> Result<()> {
-    let mut chain: Vec<&Path> = dir.ancestors().take_while(|a| a.join("cpuset.cpus").exists()).collect();
+    let mut chain: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| a.join("cpuset.cpus").exists())
+        .collect();
     chain.reverse();
     for pair in chain.windows(2) {
         for name in ["cpuset.cpus", "cpuset.mems"] {
             let child = pair[1].join(name);
-            if fs::read_to_string(&child).unwrap_or_default().trim().is_empty() {
+            if fs::read_to_string(&child)
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+            {
                 let value = fs::read_to_string(pair[0].join(name)).unwrap_or_default();
                 write(&child, value.trim())?;
             }
@@ -507,7 +562,10 @@ mod tests {
     fn escaping_cgroup_paths_are_rejected() {
         for bad in ["", "/", "a/../b", "a//b"] {
             assert!(
-                matches!(Cgroup::create(&Hierarchy::V2, bad, None), Err(Error::InvalidArgument(_))),
+                matches!(
+                    Cgroup::create(&Hierarchy::V2, bad, None),
+                    Err(Error::InvalidArgument(_))
+                ),
                 "{bad:?}"
             );
         }

@@ -64,11 +64,24 @@ impl Container {
         };
         let cgroup = Cgroup::create(hierarchy, &cgroup_path, spec.Linux.Resources.as_ref())?;
         rootfs.cgroup_v1_dirs = cgroup.v1_dirs();
-        let config = SetupConfig { role: Role::Init(rootfs), process };
-        let console = spec.Process.ConsoleSize.as_ref().map(|b| (b.Height as u16, b.Width as u16));
+        let config = SetupConfig {
+            role: Role::Init(rootfs),
+            process,
+        };
+        let console = spec
+            .Process
+            .ConsoleSize
+            .as_ref()
+            .map(|b| (b.Height as u16, b.Width as u16));
         let launched = launch(
             reaper,
-            Launch { exec_id, config: &config, flags, cgroup: &cgroup, console_size: console },
+            Launch {
+                exec_id,
+                config: &config,
+                flags,
+                cgroup: &cgroup,
+                console_size: console,
+            },
         )
         .await;
         let (init, control) = match launched {
@@ -136,7 +149,12 @@ impl Container {
             })
     }
 
-    pub async fn exec(&self, reaper: &Reaper, exec_id: &str, p: Option<&oci::Process>) -> Result<()> {
+    pub async fn exec(
+        &self,
+        reaper: &Reaper,
+        exec_id: &str,
+        p: Option<&oci::Process>,
+    ) -> Result<()> {
         validate_id("exec id", exec_id)?;
         let process = spec::process_config(p, "exec process")?;
         let _serial = self.exec_lock.lock().await;
@@ -153,11 +171,24 @@ impl Container {
                 self.id
             )));
         }
-        let console = p.and_then(|p| p.ConsoleSize.as_ref()).map(|b| (b.Height as u16, b.Width as u16));
-        let config = SetupConfig { role: Role::Exec { pid: self.init.pid.as_raw() }, process };
+        let console = p
+            .and_then(|p| p.ConsoleSize.as_ref())
+            .map(|b| (b.Height as u16, b.Width as u16));
+        let config = SetupConfig {
+            role: Role::Exec {
+                pid: self.init.pid.as_raw(),
+            },
+            process,
+        };
         let (process, _) = launch(
             reaper,
-            Launch { exec_id, config: &config, flags: CloneFlags::empty(), cgroup: &self.cgroup, console_size: console },
+            Launch {
+                exec_id,
+                config: &config,
+                flags: CloneFlags::empty(),
+                cgroup: &self.cgroup,
+                console_size: console,
+            },
         )
         .await?;
         self.execs
@@ -186,7 +217,10 @@ impl Container {
     pub async fn pause(&self) -> Result<()> {
         self.require_live("pause")?;
         if self.phase() != Phase::Running {
-            return Err(Error::FailedPrecondition(format!("container {} is not running", self.id)));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                self.id
+            )));
         }
         self.cgroup.freeze().await?;
         self.set_phase(Phase::Paused);
@@ -196,7 +230,10 @@ impl Container {
     pub async fn resume(&self) -> Result<()> {
         self.require_live("resume")?;
         if self.phase() != Phase::Paused {
-            return Err(Error::FailedPrecondition(format!("container {} is not paused", self.id)));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not paused",
+                self.id
+            )));
         }
         self.cgroup.thaw().await?;
         self.set_phase(Phase::Running);
@@ -211,7 +248,13 @@ impl Container {
             loop {
                 self.cgroup.kill_all().await?;
                 self.init.wait().await;
-                let execs: Vec<_> = self.execs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                let execs: Vec<_> = self
+                    .execs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
                 for p in execs {
                     p.wait().await;
                 }
@@ -238,6 +281,8 @@ impl Container {
 pub fn checked_signal(signal: u32) -> Result<i32> {
     match i32::try_from(signal) {
         Ok(s) if (1..=libc::SIGRTMAX()).contains(&s) => Ok(s),
-        _ => Err(Error::invalid(format!("{signal} is not a valid signal number"))),
+        _ => Err(Error::invalid(format!(
+            "{signal} is not a valid signal number"
+        ))),
     }
 }

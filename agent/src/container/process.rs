@@ -105,11 +105,10 @@ impl Control {
 }
 
 fn helper_error(line: &str) -> Error {
-    let msg = line.strip_prefix("error ").unwrap_or(line);
-    if msg.starts_with("executable file") || msg.starts_with("cwd ") {
-        Error::InvalidArgument(msg.to_string())
-    } else {
-        Error::Internal(msg.to_string())
+    match line.split_once(' ') {
+        Some(("invalid", msg)) => Error::InvalidArgument(msg.to_string()),
+        Some(("internal", msg)) => Error::Internal(msg.to_string()),
+        _ => Error::Internal(format!("unexpected answer from the setup helper: {line:?}")),
     }
 }
 
@@ -130,7 +129,8 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
     let (io, child_stdio) = ProcessIo::new(terminal, launch.console_size)?;
     let (agent_end, helper_end) =
         StdUnixStream::pair().map_err(|e| Error::internal("socketpair", e))?;
-    let (helper_pid, helper_exit) = clone_helper(reaper, launch.flags, &child_stdio, helper_end.into())?;
+    let (helper_pid, helper_exit) =
+        clone_helper(reaper, launch.flags, &child_stdio, helper_end.into())?;
     drop(child_stdio);
 
     let kill_helper = |e: Error| {
@@ -140,17 +140,23 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
     agent_end
         .set_nonblocking(true)
         .map_err(|e| kill_helper(Error::internal("control socket", e)))?;
-    let stream = UnixStream::from_std(agent_end).map_err(|e| kill_helper(Error::internal("control socket", e)))?;
-    let mut control = Control { stream: BufReader::new(stream) };
+    let stream = UnixStream::from_std(agent_end)
+        .map_err(|e| kill_helper(Error::internal("control socket", e)))?;
+    let mut control = Control {
+        stream: BufReader::new(stream),
+    };
     launch.cgroup.add(helper_pid).map_err(kill_helper)?;
-    let body = serde_json::to_vec(launch.config).map_err(|e| kill_helper(Error::internal("encoding setup", e)))?;
-    let len = u32::try_from(body.len()).map_err(|e| kill_helper(Error::internal("setup too large", e)))?;
+    let body = serde_json::to_vec(launch.config)
+        .map_err(|e| kill_helper(Error::internal("encoding setup", e)))?;
+    let len = u32::try_from(body.len())
+        .map_err(|e| kill_helper(Error::internal("setup too large", e)))?;
     let sent = async {
         let w = control.stream.get_mut();
         w.write_all(&len.to_le_bytes()).await?;
         w.write_all(&body).await
     };
-    sent.await.map_err(|e| kill_helper(Error::internal("sending setup to the helper", e)))?;
+    sent.await
+        .map_err(|e| kill_helper(Error::internal("sending setup to the helper", e)))?;
 
     let is_init = matches!(launch.config.role, super::spec::Role::Init(_));
     let mut pid = is_init.then_some(helper_pid);
@@ -180,7 +186,12 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
                 let _ = kill(pid, Signal::SIGKILL);
             }
             let _ = kill(helper_pid, Signal::SIGKILL);
-            let status = helper_exit.clone().wait_for(Option::is_some).await.ok().and_then(|s| *s);
+            let status = helper_exit
+                .clone()
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|s| *s);
             return Err(failure.unwrap_or_else(|| {
                 Error::Internal(format!(
                     "the container setup helper exited early (status {status:?})"
@@ -188,7 +199,12 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
             }));
         }
     };
-    let process = Process { exec_id: launch.exec_id.to_string(), pid, io, exit };
+    let process = Process {
+        exec_id: launch.exec_id.to_string(),
+        pid,
+        io,
+        exit,
+    };
     Ok((process, is_init.then_some(control)))
 }
 

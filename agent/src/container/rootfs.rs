@@ -22,7 +22,13 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
     // Nothing mounted from here on may propagate back to the agent.
     do_mount(None, "/", None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
     let root = cfg.root.as_path();
-    do_mount(Some(root), root, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    do_mount(
+        Some(root),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
 
     let mut fresh_dev = false;
     for m in &cfg.mounts {
@@ -32,7 +38,13 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
     if !cfg.mounts.iter().any(|m| m.destination == "/proc") {
         let target = inside(root, "/proc")?;
         fs::create_dir_all(&target).map_err(|e| format!("creating /proc: {e}"))?;
-        do_mount(Some(Path::new("proc")), &target, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+        do_mount(
+            Some(Path::new("proc")),
+            &target,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        )?;
     }
     if fresh_dev {
         populate_dev(root)?;
@@ -51,7 +63,13 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
         fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))?;
     }
     if cfg.readonly {
-        do_mount(None, "/", None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None)?;
+        do_mount(
+            None,
+            "/",
+            None,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None,
+        )?;
     }
     if let Some(name) = &cfg.hostname {
         sethostname(name).map_err(|e| format!("sethostname {name}: {e}"))?;
@@ -76,7 +94,9 @@ fn inside(root: &Path, dest: &str) -> Result<PathBuf> {
         .canonicalize()
         .map_err(|e| format!("resolving {}: {e}", root.display()))?;
     if !real.starts_with(&real_root) {
-        return Err(format!("mount destination {dest} resolves outside the rootfs"));
+        return Err(format!(
+            "mount destination {dest} resolves outside the rootfs"
+        ));
     }
     Ok(joined)
 }
@@ -90,7 +110,8 @@ fn mount_one(root: &Path, m: &MountConfig, cfg: &RootfsConfig) -> Result<()> {
     let source_is_file = m.is_bind() && Path::new(&m.source).is_file();
     if source_is_file {
         if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }
         if !target.exists() {
             fs::File::create(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
@@ -106,14 +127,30 @@ fn mount_one(root: &Path, m: &MountConfig, cfg: &RootfsConfig) -> Result<()> {
     let data = (!m.data.is_empty()).then_some(m.data.as_str());
     let source = (!m.source.is_empty()).then(|| Path::new(&m.source));
     // Bind mounts ignore most flags on the first call; a remount applies them.
-    let first = if m.is_bind() { flags & (MsFlags::MS_BIND | MsFlags::MS_REC) } else { flags };
+    let first = if m.is_bind() {
+        flags & (MsFlags::MS_BIND | MsFlags::MS_REC)
+    } else {
+        flags
+    };
     do_mount(source, &target, fstype, first, data)?;
     let rest = flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
     if m.is_bind() && !rest.is_empty() {
-        do_mount(None, &target, None, rest | MsFlags::MS_REMOUNT | MsFlags::MS_BIND, None)?;
+        do_mount(
+            None,
+            &target,
+            None,
+            rest | MsFlags::MS_REMOUNT | MsFlags::MS_BIND,
+            None,
+        )?;
     }
     if m.propagation != 0 {
-        do_mount(None, &target, None, MsFlags::from_bits_truncate(m.propagation), None)?;
+        do_mount(
+            None,
+            &target,
+            None,
+            MsFlags::from_bits_truncate(m.propagation),
+            None,
+        )?;
     }
     Ok(())
 }
@@ -122,15 +159,42 @@ fn mount_one(root: &Path, m: &MountConfig, cfg: &RootfsConfig) -> Result<()> {
 /// container its own directory of every controller on a tmpfs.
 fn mount_cgroup_v1(target: &Path, flags: MsFlags, cfg: &RootfsConfig) -> Result<()> {
     fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-    do_mount(Some(Path::new("tmpfs")), target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, Some("mode=755"))?;
+    do_mount(
+        Some(Path::new("tmpfs")),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=755"),
+    )?;
     for (controller, dir) in &cfg.cgroup_v1_dirs {
         let sub = target.join(controller);
         fs::create_dir_all(&sub).map_err(|e| format!("creating {}: {e}", sub.display()))?;
         do_mount(Some(dir), &sub, None, MsFlags::MS_BIND, None)?;
-        do_mount(None, &sub, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+        do_mount(
+            None,
+            &sub,
+            None,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None,
+        )?;
     }
     if flags.contains(MsFlags::MS_RDONLY) {
-        do_mount(None, target, None, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+        do_mount(
+            None,
+            target,
+            None,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -171,7 +235,8 @@ fn enter(root: &Path) -> Result<()> {
             // The old root now sits on top of the new one; drop it without
             // its unmount reaching the agent's namespace.
             do_mount(None, ".", None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
-            umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+            umount2(".", MntFlags::MNT_DETACH)
+                .map_err(|e| format!("detaching the old root: {e}"))?;
         }
         Err(Errno::EINVAL) => {
             do_mount(Some(Path::new(".")), "/", None, MsFlags::MS_MOVE, None)?;
@@ -186,8 +251,20 @@ fn mask(path: &str) -> Result<()> {
     let p = Path::new(path);
     match p.metadata() {
         Err(_) => Ok(()),
-        Ok(m) if m.is_dir() => do_mount(Some(Path::new("tmpfs")), p, Some("tmpfs"), MsFlags::MS_RDONLY, None),
-        Ok(_) => do_mount(Some(Path::new("/dev/null")), p, None, MsFlags::MS_BIND, None),
+        Ok(m) if m.is_dir() => do_mount(
+            Some(Path::new("tmpfs")),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None,
+        ),
+        Ok(_) => do_mount(
+            Some(Path::new("/dev/null")),
+            p,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        ),
     }
 }
 
@@ -196,7 +273,18 @@ fn read_only(p: &Path) -> Result<()> {
         return Ok(());
     }
     do_mount(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-    do_mount(None, p, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)
+    do_mount(
+        None,
+        p,
+        None,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
 }
 
 fn do_mount<P: AsRef<Path> + ?Sized>(

@@ -19,7 +19,9 @@
 //!   the agent (StartContainer) and executes the program;
 //! - `pid N` from an exec helper, naming the process it cloned into the
 //!   container;
-//! - `error MESSAGE` when anything fails.
+//! - `invalid MESSAGE` when the request cannot be carried out as given
+//!   (a mount that fails, a missing program or working directory);
+//! - `internal MESSAGE` when the helper itself fails (its socket, clone).
 //!
 //! When the program is executed the socket closes, so EOF means success.
 
@@ -56,17 +58,35 @@ pub fn run() -> ! {
     let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     let code = match setup(&mut control) {
         Ok(never) => match never {},
-        Err(msg) => {
-            let _ = writeln!(control, "error {}", msg.replace('\n', " "));
+        Err(Failure::Invalid(msg)) => {
+            let _ = writeln!(control, "invalid {}", msg.replace('\n', " "));
             127
+        }
+        Err(Failure::Internal(msg)) => {
+            let _ = writeln!(control, "internal {}", msg.replace('\n', " "));
+            126
         }
     };
     std::process::exit(code)
 }
 
-fn setup(control: &mut UnixStream) -> Result<Infallible, String> {
+/// Why setup failed: because of what was asked, or in the helper itself.
+enum Failure {
+    Invalid(String),
+    Internal(String),
+}
+
+/// Failures of the container's own setup (mounts, identity, the program)
+/// come from the request.
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Failure::Invalid(msg)
+    }
+}
+
+fn setup(control: &mut UnixStream) -> Result<Infallible, Failure> {
     fcntl(control.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-        .map_err(|e| format!("control socket: {e}"))?;
+        .map_err(|e| Failure::Internal(format!("control socket: {e}")))?;
     let config = read_config(control)?;
     match config.role {
         Role::Init(rootfs) => {
@@ -76,15 +96,19 @@ fn setup(control: &mut UnixStream) -> Result<Infallible, String> {
             reply(control, "ok")?;
             let mut start = [0u8; 1];
             match control.read(&mut start) {
-                Ok(1) => exec(&program, &config.process),
-                _ => Err("the agent went away before StartContainer".into()),
+                Ok(1) => Ok(exec(&program, &config.process)?),
+                _ => Err(Failure::Internal(
+                    "the agent went away before StartContainer".into(),
+                )),
             }
         }
         Role::Exec { pid } => {
-            join_namespaces(pid)?;
+            join_namespaces(pid).map_err(Failure::Internal)?;
             // Joining a PID namespace only affects children: clone the real
             // process, as a child of the agent so the agent reaps it.
-            match clone_process(CloneFlags::CLONE_PARENT).map_err(|e| format!("clone: {e}"))? {
+            let cloned = clone_process(CloneFlags::CLONE_PARENT)
+                .map_err(|e| Failure::Internal(format!("clone: {e}")))?;
+            match cloned {
                 Some(child) => {
                     reply(control, &format!("pid {child}"))?;
                     std::process::exit(0)
@@ -92,14 +116,18 @@ fn setup(control: &mut UnixStream) -> Result<Infallible, String> {
                 None => {
                     session(&config.process)?;
                     let program = prepare_process(&config.process)?;
-                    exec(&program, &config.process)
+                    Ok(exec(&program, &config.process)?)
                 }
             }
         }
     }
 }
 
-fn read_config(control: &mut UnixStream) -> Result<SetupConfig, String> {
+fn read_config(control: &mut UnixStream) -> Result<SetupConfig, Failure> {
+    read_config_inner(control).map_err(Failure::Internal)
+}
+
+fn read_config_inner(control: &mut UnixStream) -> Result<SetupConfig, String> {
     let mut len = [0u8; 4];
     control
         .read_exact(&mut len)
@@ -115,8 +143,8 @@ fn read_config(control: &mut UnixStream) -> Result<SetupConfig, String> {
     serde_json::from_slice(&buf).map_err(|e| format!("decoding configuration: {e}"))
 }
 
-fn reply(control: &mut UnixStream, line: &str) -> Result<(), String> {
-    writeln!(control, "{line}").map_err(|e| format!("answering the agent: {e}"))
+fn reply(control: &mut UnixStream, line: &str) -> Result<(), Failure> {
+    writeln!(control, "{line}").map_err(|e| Failure::Internal(format!("answering the agent: {e}")))
 }
 
 /// A new session; with a terminal, stdin (the pty) becomes the controlling
@@ -180,7 +208,11 @@ fn prepare_process(p: &ProcessConfig) -> Result<PathBuf, String> {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| format!("setting oom_score_adj: {e}"))?;
     }
-    let groups: Vec<Gid> = p.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    let groups: Vec<Gid> = p
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
     setgid(Gid::from_raw(p.gid)).map_err(|e| format!("setgid {}: {e}", p.gid))?;
     setuid(Uid::from_raw(p.uid)).map_err(|e| format!("setuid {}: {e}", p.uid))?;
@@ -218,8 +250,16 @@ fn find_program(p: &ProcessConfig) -> Result<PathBuf, String> {
 fn exec(program: &Path, p: &ProcessConfig) -> Result<Infallible, String> {
     let to_c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
     let path = to_c(&program.to_string_lossy())?;
-    let args = p.args.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
-    let env = p.env.iter().map(|e| to_c(e)).collect::<Result<Vec<_>, _>>()?;
+    let args = p
+        .args
+        .iter()
+        .map(|a| to_c(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = p
+        .env
+        .iter()
+        .map(|e| to_c(e))
+        .collect::<Result<Vec<_>, _>>()?;
     // The Rust runtime ignores SIGPIPE and ignored signals survive exec;
     // the container's program must get the default behaviour.
     // SAFETY: resetting a disposition to SIG_DFL installs no handler code.

@@ -237,10 +237,18 @@ pub fn rootfs_config(spec: &oci::Spec, bundle_dir: &Path) -> Result<RootfsConfig
         container_path(p, "masked/readonly path")?;
     }
     let mut sysctl: Vec<(String, String)> = linux
-        .map(|l| l.Sysctl.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .map(|l| {
+            l.Sysctl
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
         .unwrap_or_default();
     for (k, _) in &sysctl {
-        if k.is_empty() || k.contains('/') || k.split('.').any(|part| part.is_empty() || part == "..") {
+        if k.is_empty()
+            || k.contains('/')
+            || k.split('.').any(|part| part.is_empty() || part == "..")
+        {
             return Err(Error::invalid(format!("sysctl key {k:?} is not valid")));
         }
     }
@@ -371,9 +379,24 @@ mod tests {
 
     #[test]
     fn mount_options_split_into_flags_propagation_and_data() {
-        let m = mount_config(&mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k", "rprivate"])).unwrap();
+        let m = mount_config(&mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &[
+                "nosuid",
+                "strictatime",
+                "mode=755",
+                "size=65536k",
+                "rprivate",
+            ],
+        ))
+        .unwrap();
         assert_eq!(m.ms_flags(), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME);
-        assert_eq!(m.propagation, (MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits());
+        assert_eq!(
+            m.propagation,
+            (MsFlags::MS_PRIVATE | MsFlags::MS_REC).bits()
+        );
         assert_eq!(m.data, "mode=755,size=65536k");
     }
 
@@ -388,8 +411,14 @@ mod tests {
     #[test]
     fn process_without_args_is_rejected() {
         let p = oci::Process::new();
-        assert!(matches!(process_config(Some(&p), "spec"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(process_config(None, "spec"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            process_config(Some(&p), "spec"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            process_config(None, "spec"),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

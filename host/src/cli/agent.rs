@@ -40,7 +40,14 @@ async fn check(args: CheckArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&health)?);
     } else {
         println!("{}", health.status);
-        println!("agent version {} ({})", health.agent_version, health.api_version);
+        println!(
+            "agent version {} ({})",
+            health.agent_version, health.api_version
+        );
     }
-    Ok(if health.serving { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if health.serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -5,7 +5,11 @@ pub mod agent;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "kestrel", version, about = "Run OCI containers in lightweight KVM virtual machines")]
+#[command(
+    name = "kestrel",
+    version,
+    about = "Run OCI containers in lightweight KVM virtual machines"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
