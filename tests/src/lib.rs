@@ -119,6 +119,12 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
             "sysfs",
             &["nosuid", "noexec", "nodev", "ro"],
         ),
+        (
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        ),
     ];
     for (dest, ty, src, opts) in mounts {
         let mut m = oci::Mount::new();
@@ -129,7 +135,7 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> oci::Spec {
         s.Mounts.push(m);
     }
     let linux = s.Linux.mut_or_insert_default();
-    for ns in ["pid", "ipc", "uts", "mount"] {
+    for ns in ["pid", "ipc", "uts", "mount", "cgroup"] {
         let mut n = oci::LinuxNamespace::new();
         n.Type = ns.into();
         linux.Namespaces.push(n);

@@ -299,6 +299,25 @@ async fn stats_report_cpu_memory_and_pids() {
 }
 
 #[tokio::test]
+async fn container_sees_its_own_cgroup_limits() {
+    require!("container_sees_its_own_cgroup_limits");
+    let agent = Agent::start();
+    let (client, _) = agent.client().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let show = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max";
+    let mut s = spec(&rootfs, &["sh", "-c", show]);
+    s.Linux
+        .mut_or_insert_default()
+        .Resources
+        .mut_or_insert_default()
+        .Memory
+        .mut_or_insert_default()
+        .Limit = 48 << 20;
+    let (out, err, status) = run(&client, "cglimit", s).await;
+    assert_eq!((out.as_str(), status), ("50331648\n", 0), "stderr: {err}");
+}
+
+#[tokio::test]
 async fn remove_container_removes_its_cgroup_mounts_and_processes() {
     require!("remove_container_removes_its_cgroup_mounts_and_processes");
     let agent = Agent::start();

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
 use nix::unistd::{chdir, chroot, pivot_root, sethostname};
 
 use super::spec::{MountConfig, RootfsConfig};
@@ -18,7 +19,18 @@ type Result<T> = std::result::Result<T, String>;
 /// spec mounts a fresh /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
+/// The flags of a read-only view: no writes, setuid, devices or execution.
+const LOCKED: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
 pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
+    if cfg.cgroup_namespace {
+        // Only now, inside the container's cgroup, so that it becomes the
+        // namespace's root.
+        unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("new cgroup namespace: {e}"))?;
+    }
     // Nothing mounted from here on may propagate back to the agent.
     do_mount(None, "/", None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)?;
     let root = cfg.root.as_path();
@@ -169,32 +181,10 @@ fn mount_cgroup_v1(target: &Path, flags: MsFlags, cfg: &RootfsConfig) -> Result<
     for (controller, dir) in &cfg.cgroup_v1_dirs {
         let sub = target.join(controller);
         fs::create_dir_all(&sub).map_err(|e| format!("creating {}: {e}", sub.display()))?;
-        do_mount(Some(dir), &sub, None, MsFlags::MS_BIND, None)?;
-        do_mount(
-            None,
-            &sub,
-            None,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            None,
-        )?;
+        bind_read_only(dir, &sub, MsFlags::empty())?;
     }
     if flags.contains(MsFlags::MS_RDONLY) {
-        do_mount(
-            None,
-            target,
-            None,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
-            None,
-        )?;
+        do_mount(None, target, None, MsFlags::MS_REMOUNT | LOCKED, None)?;
     }
     Ok(())
 }
@@ -272,17 +262,18 @@ fn read_only(p: &Path) -> Result<()> {
     if !p.exists() {
         return Ok(());
     }
-    do_mount(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    bind_read_only(p, p, MsFlags::MS_REC)
+}
+
+/// Binds `source` on `target` and makes the bind read-only, without setuid,
+/// devices or execution.
+fn bind_read_only(source: &Path, target: &Path, rec: MsFlags) -> Result<()> {
+    do_mount(Some(source), target, None, MsFlags::MS_BIND | rec, None)?;
     do_mount(
         None,
-        p,
+        target,
         None,
-        MsFlags::MS_REMOUNT
-            | MsFlags::MS_BIND
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | LOCKED,
         None,
     )
 }

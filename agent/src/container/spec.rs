@@ -65,6 +65,7 @@ pub struct RootfsConfig {
     /// For a `cgroup` mount on cgroup v1: each controller's directory of
     /// this container, bound read-only under the mount's destination.
     pub cgroup_v1_dirs: Vec<(String, PathBuf)>,
+    pub cgroup_namespace: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,7 +89,8 @@ impl MountConfig {
 }
 
 /// The namespaces the container's init process is cloned into. Mount, PID,
-/// UTS and IPC are always new; network and cgroup are new when the spec asks.
+/// UTS and IPC are always new; network is new when the spec asks. A cgroup
+/// namespace is made later, by the helper (see [`wants_cgroup_namespace`]).
 pub fn clone_flags(spec: &oci::Spec) -> Result<CloneFlags> {
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -102,9 +104,8 @@ pub fn clone_flags(spec: &oci::Spec) -> Result<CloneFlags> {
             )));
         }
         match ns.Type.as_str() {
-            "mount" | "pid" | "uts" | "ipc" => {}
+            "mount" | "pid" | "uts" | "ipc" | "cgroup" => {}
             "network" => flags |= CloneFlags::CLONE_NEWNET,
-            "cgroup" => flags |= CloneFlags::CLONE_NEWCGROUP,
             "user" => {
                 return Err(Error::Unimplemented(
                     "user namespaces are not supported".into(),
@@ -118,6 +119,13 @@ pub fn clone_flags(spec: &oci::Spec) -> Result<CloneFlags> {
         }
     }
     Ok(flags)
+}
+
+/// Whether the spec asks for a new cgroup namespace. The helper creates it
+/// after joining the container's cgroup: cloned earlier, the namespace would
+/// be rooted at the agent's cgroup.
+pub fn wants_cgroup_namespace(spec: &oci::Spec) -> bool {
+    spec.Linux.Namespaces.iter().any(|ns| ns.Type == "cgroup")
 }
 
 /// Validates the spec's process (or an exec's process).
@@ -262,6 +270,7 @@ pub fn rootfs_config(spec: &oci::Spec, bundle_dir: &Path) -> Result<RootfsConfig
         readonly_paths: linux.map(|l| l.ReadonlyPaths.to_vec()).unwrap_or_default(),
         sysctl,
         cgroup_v1_dirs: Vec::new(),
+        cgroup_namespace: wants_cgroup_namespace(spec),
     })
 }
 
