@@ -18,6 +18,20 @@ macro_rules! require {
     };
 }
 
+/// An agent in host mode, a client for it and a busybox rootfs.
+async fn setup() -> (Agent, AgentServiceClient, std::path::PathBuf) {
+    let agent = Agent::start();
+    let (client, _) = agent.client().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    (agent, client, rootfs)
+}
+
+/// A started container whose init sleeps, to exec into and signal.
+async fn start_sleeper(client: &AgentServiceClient, rootfs: &std::path::Path, id: &str) {
+    create(client, id, spec(rootfs, &["sleep", "1000"])).await;
+    start(client, id).await;
+}
+
 async fn create(client: &AgentServiceClient, id: &str, spec: oci::Spec) {
     client
         .create_container(prompt(), &create_request(id, spec))
@@ -73,9 +87,7 @@ async fn health_check_answers_serving_with_the_agent_version() {
 #[tokio::test]
 async fn echo_hello_prints_hello_and_exits_zero() {
     require!("echo_hello_prints_hello_and_exits_zero");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let (out, err, status) = run(&client, "hello", spec(&rootfs, &["echo", "hello"])).await;
     assert_eq!(out, "hello\n");
     assert_eq!(err, "");
@@ -85,9 +97,7 @@ async fn echo_hello_prints_hello_and_exits_zero() {
 #[tokio::test]
 async fn exit_status_is_reported_and_repeated_until_removal() {
     require!("exit_status_is_reported_and_repeated_until_removal");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     create(
         &client,
         "exit7",
@@ -110,9 +120,7 @@ async fn exit_status_is_reported_and_repeated_until_removal() {
 #[tokio::test]
 async fn container_sees_its_own_hostname_pid_namespace_and_rootfs() {
     require!("container_sees_its_own_hostname_pid_namespace_and_rootfs");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let (out, _, status) = run(
         &client,
         "isolated",
@@ -129,11 +137,8 @@ async fn container_sees_its_own_hostname_pid_namespace_and_rootfs() {
 #[tokio::test]
 async fn exec_runs_inside_the_running_container() {
     require!("exec_runs_inside_the_running_container");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "svc", spec(&rootfs, &["sleep", "1000"])).await;
-    start(&client, "svc").await;
+    let (_agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "svc").await;
     exec(
         &client,
         "svc",
@@ -168,9 +173,7 @@ async fn exec_runs_inside_the_running_container() {
 #[tokio::test]
 async fn stdin_round_trips_through_cat() {
     require!("stdin_round_trips_through_cat");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     create(&client, "cat", spec(&rootfs, &["cat"])).await;
     start(&client, "cat").await;
     let mut w = WriteStreamRequest::new();
@@ -187,11 +190,8 @@ async fn stdin_round_trips_through_cat() {
 #[tokio::test]
 async fn sigkill_and_sigterm_give_137_and_143() {
     require!("sigkill_and_sigterm_give_137_and_143");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "sig", spec(&rootfs, &["sleep", "1000"])).await;
-    start(&client, "sig").await;
+    let (_agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "sig").await;
     exec(&client, "sig", "term", &["sleep", "1000"], false)
         .await
         .unwrap();
@@ -216,11 +216,8 @@ async fn sigkill_and_sigterm_give_137_and_143() {
 #[tokio::test]
 async fn empty_exec_id_signals_every_process() {
     require!("empty_exec_id_signals_every_process");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "all", spec(&rootfs, &["sleep", "1000"])).await;
-    start(&client, "all").await;
+    let (_agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "all").await;
     exec(&client, "all", "x", &["sleep", "1000"], false)
         .await
         .unwrap();
@@ -233,11 +230,8 @@ async fn empty_exec_id_signals_every_process() {
 #[tokio::test]
 async fn pause_freezes_and_resume_thaws() {
     require!("pause_freezes_and_resume_thaws");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "pz", spec(&rootfs, &["sleep", "1000"])).await;
-    start(&client, "pz").await;
+    let (_agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "pz").await;
     let mut p = PauseContainerRequest::new();
     p.container_id = "pz".into();
     client.pause_container(prompt(), &p).await.unwrap();
@@ -258,9 +252,7 @@ async fn pause_freezes_and_resume_thaws() {
 #[tokio::test]
 async fn stats_report_cpu_memory_and_pids() {
     require!("stats_report_cpu_memory_and_pids");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo ready; sleep 1000";
     let mut s = spec(&rootfs, &["sh", "-c", busy]);
     s.Linux
@@ -301,9 +293,7 @@ async fn stats_report_cpu_memory_and_pids() {
 #[tokio::test]
 async fn container_sees_its_own_cgroup_limits() {
     require!("container_sees_its_own_cgroup_limits");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let show = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max";
     let mut s = spec(&rootfs, &["sh", "-c", show]);
     s.Linux
@@ -320,11 +310,8 @@ async fn container_sees_its_own_cgroup_limits() {
 #[tokio::test]
 async fn remove_container_removes_its_cgroup_mounts_and_processes() {
     require!("remove_container_removes_its_cgroup_mounts_and_processes");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    create(&client, "rm", spec(&rootfs, &["sleep", "1000"])).await;
-    start(&client, "rm").await;
+    let (agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "rm").await;
     exec(&client, "rm", "bg", &["sleep", "1000"], false)
         .await
         .unwrap();
@@ -350,9 +337,7 @@ async fn remove_container_removes_its_cgroup_mounts_and_processes() {
 #[tokio::test]
 async fn terminal_process_gets_a_resizable_pty() {
     require!("terminal_process_gets_a_resizable_pty");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let mut s = spec(
         &rootfs,
         &[
@@ -383,9 +368,7 @@ async fn terminal_process_gets_a_resizable_pty() {
 #[tokio::test]
 async fn memory_limit_breach_is_reported_by_get_oom_event() {
     require!("memory_limit_breach_is_reported_by_get_oom_event");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let mut s = spec(
         &rootfs,
         &["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
@@ -413,9 +396,7 @@ async fn memory_limit_breach_is_reported_by_get_oom_event() {
 #[tokio::test]
 async fn bad_ids_are_invalid_arguments_and_unknown_ids_not_found() {
     require!("bad_ids_are_invalid_arguments_and_unknown_ids_not_found");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (_agent, client, rootfs) = setup().await;
     let long = "x".repeat(129);
     for bad in ["", "../x", "a/b", long.as_str()] {
         let err = client
@@ -457,9 +438,7 @@ async fn bad_ids_are_invalid_arguments_and_unknown_ids_not_found() {
 #[tokio::test]
 async fn incomplete_specs_are_rejected_and_leave_nothing_behind() {
     require!("incomplete_specs_are_rejected_and_leave_nothing_behind");
-    let agent = Agent::start();
-    let (client, _) = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
+    let (agent, client, rootfs) = setup().await;
 
     let mut no_root = spec(&rootfs, &["true"]);
     no_root.Root.clear();
