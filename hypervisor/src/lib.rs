@@ -1,7 +1,118 @@
-//! Kestrel's VM layer.
+//! Kestrel's VM layer: the [`Hypervisor`] trait a sandbox runs on, and its
+//! backends.
 //!
-//! This crate will hold the builtin KVM VMM (`kestrel-vmm`), its
-//! virtio-vsock device core, and the `Hypervisor` trait with its builtin,
-//! QEMU, Cloud Hypervisor and process backends. Nothing is implemented yet:
-//! the host-runtime and builtin-VMM issues fill it in. It is a workspace
-//! member now so the layout in `shared/design.md` holds from the start.
+//! A backend owns whatever isolates the guest (a VM process, or nothing at
+//! all for the `process` backend) and tells the runtime where the guest's
+//! agent listens. The runtime never cares which backend it got: it prepares,
+//! starts, dials [`Hypervisor::agent_address`], watches
+//! [`Hypervisor::exit_watch`] to learn of the guest's death, and stops.
+//!
+//! Backends today: [`backend::process`] (the agent on the host, no VM).
+//! The builtin KVM VMM, QEMU and Cloud Hypervisor follow in their issues.
+
+pub mod backend;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+/// What a backend needs to know about the sandbox it runs.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The sandbox id (a pod's id, or its only container's).
+    pub id: String,
+    /// A directory owned by this sandbox: sockets, logs, the shared dir.
+    /// Created by `prepare`, removed by `stop`.
+    pub state_dir: PathBuf,
+    /// The agent binary (for the process backend; VM backends boot it as
+    /// the guest's /init instead).
+    pub agent_path: PathBuf,
+    /// The agent's log level (`error`, `warn`, `info`, `debug`, `trace`).
+    pub agent_log_level: String,
+}
+
+/// How the guest (VM or agent process) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The process exited with this code.
+    Exited(i32),
+    /// The process was killed by this signal.
+    Signaled(i32),
+}
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestExit::Exited(code) => write!(f, "exited with status {code}"),
+            GuestExit::Signaled(signal) => write!(f, "killed by signal {signal}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent binary {0} does not exist or is not executable")]
+    AgentMissing(PathBuf),
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {0} backend was asked to {1} before it was prepared")]
+    NotPrepared(&'static str, &'static str),
+    #[error("the {0} backend was asked to {1} but it is already running")]
+    AlreadyStarted(&'static str, &'static str),
+    #[error("the {backend} guest exited before its agent was reachable: {exit}")]
+    EarlyExit {
+        backend: &'static str,
+        exit: GuestExit,
+    },
+}
+
+/// A way to run a sandbox's guest.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// The backend's configuration name (`process`, `builtin`, `qemu`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Checks what the backend needs and lays out the sandbox's files;
+    /// nothing runs yet.
+    async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error>;
+
+    /// Starts the guest. Returns once the guest runs; the agent may still be
+    /// booting, so callers dial with retries.
+    async fn start(&mut self) -> Result<(), Error>;
+
+    /// Where the guest's agent listens, as `unix://PATH`,
+    /// `vsock://CID:PORT` or `hvsock://PATH:PORT`. Known after `prepare`.
+    fn agent_address(&self) -> Option<String>;
+
+    /// The pid of the process that embodies the guest, once started.
+    fn pid(&self) -> Option<u32>;
+
+    /// Holds `None` while the guest runs and `Some(exit)` once it ended,
+    /// whatever the reason (stop, crash, kill from outside).
+    fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>>;
+
+    /// Stops the guest: a polite request first, then a kill after `grace`;
+    /// removes the sandbox's state directory. Stopping a guest that already
+    /// ended only cleans up. Returns how the guest ended.
+    async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error>;
+}
+
+/// Waits until `watch` reports the guest's exit.
+pub async fn wait_exit(mut watch: watch::Receiver<Option<GuestExit>>) -> Option<GuestExit> {
+    let seen = watch.wait_for(Option::is_some).await.map(|exit| *exit);
+    // Err: the backend is gone; whatever it last saw is all we will know.
+    seen.unwrap_or_else(|_| *watch.borrow())
+}

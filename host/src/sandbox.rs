@@ -1,0 +1,287 @@
+//! A sandbox: one guest (a [`Hypervisor`] backend) and a client for the
+//! agent inside it. Containers of one pod share a sandbox; a container
+//! without a pod gets its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kestrel_hypervisor::backend::process::Process;
+use kestrel_hypervisor::{wait_exit, GuestExit, Hypervisor, SandboxSpec};
+use kestrel_protocols::agent::CreateSandboxRequest;
+use tokio::sync::watch;
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::config::Config;
+use crate::dial::Address;
+
+/// The file in a sandbox's state directory that lets `delete` (run when
+/// containerd cannot reach the shim) find what to clean up.
+const RECORD: &str = "sandbox.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox {id}: {source}")]
+    Hypervisor {
+        id: String,
+        #[source]
+        source: kestrel_hypervisor::Error,
+    },
+    #[error("sandbox {id}: backend {backend} gave no agent address")]
+    NoAddress { id: String, backend: &'static str },
+    #[error("sandbox {id}: {source}")]
+    Address {
+        id: String,
+        #[source]
+        source: crate::dial::DialError,
+    },
+    #[error("sandbox {id}: agent: {source}")]
+    Agent {
+        id: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("sandbox {id}: the guest {exit} before its agent answered")]
+    DiedEarly { id: String, exit: GuestExit },
+    #[error("sandbox {id}: {message}")]
+    Record { id: String, message: String },
+}
+
+/// What `delete` needs to find a sandbox's leftovers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub backend: String,
+    pub pid: u32,
+    pub agent_address: String,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    hypervisor: Box<dyn Hypervisor>,
+    agent: AgentClient,
+    state_dir: PathBuf,
+    stop_grace: Duration,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("backend", &self.hypervisor.name())
+            .field("pid", &self.hypervisor.pid())
+            .finish()
+    }
+}
+
+/// The backend the configuration names.
+fn backend(name: &str) -> Box<dyn Hypervisor> {
+    debug_assert_eq!(
+        name, "process",
+        "config validation lets only known backends through"
+    );
+    Box::new(Process::new())
+}
+
+/// Where a sandbox keeps its files.
+pub fn state_dir(config: &Config, id: &str) -> PathBuf {
+    config.sandbox.state_dir.join(id)
+}
+
+impl Sandbox {
+    /// Starts the guest and connects to its agent. On any failure the guest
+    /// is stopped and its state directory removed: nothing is left behind.
+    pub async fn start(id: &str, config: &Config) -> Result<Arc<Sandbox>, SandboxError> {
+        let mut hypervisor = backend(&config.sandbox.hypervisor);
+        let spec = SandboxSpec {
+            id: id.into(),
+            state_dir: state_dir(config, id),
+            agent_path: config.sandbox.agent_path.clone(),
+            agent_log_level: config.sandbox.agent_log_level.clone(),
+        };
+        let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
+        let hv_err = |source| SandboxError::Hypervisor {
+            id: id.into(),
+            source,
+        };
+        hypervisor.prepare(&spec).await.map_err(hv_err)?;
+        let connected = async {
+            hypervisor.start().await.map_err(hv_err)?;
+            let agent = connect_agent(id, hypervisor.as_ref(), config).await?;
+            agent
+                .create_sandbox(CreateSandboxRequest {
+                    sandbox_id: id.into(),
+                    hostname: id.chars().take(63).collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|source| SandboxError::Agent {
+                    id: id.into(),
+                    source: Box::new(source),
+                })?;
+            let record = SandboxRecord {
+                id: id.into(),
+                backend: hypervisor.name().into(),
+                pid: hypervisor.pid().unwrap_or(0),
+                agent_address: hypervisor.agent_address().unwrap_or_default(),
+            };
+            write_record(&spec.state_dir, &record)?;
+            Ok(agent)
+        }
+        .await;
+        match connected {
+            Ok(agent) => {
+                tracing::info!(sandbox_id = id, backend = hypervisor.name(), pid = ?hypervisor.pid(), "sandbox started");
+                Ok(Arc::new(Sandbox {
+                    id: id.into(),
+                    hypervisor,
+                    agent,
+                    state_dir: spec.state_dir,
+                    stop_grace: grace,
+                }))
+            }
+            Err(e) => {
+                if let Err(stop) = hypervisor.stop(grace).await {
+                    tracing::warn!(sandbox_id = id, error = %stop, "cleaning up after a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The pid of the process that embodies the guest.
+    pub fn pid(&self) -> u32 {
+        self.hypervisor.pid().unwrap_or(0)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.hypervisor.name()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// `Some(exit)` once the guest ended.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
+        self.hypervisor.exit_watch()
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.exit_watch().borrow().is_some()
+    }
+
+    /// Asks the agent to tear everything down, then stops the guest.
+    pub async fn stop(&self) -> Result<Option<GuestExit>, SandboxError> {
+        if !self.is_dead() {
+            let destroy = tokio::time::timeout(self.stop_grace, self.agent.destroy_sandbox()).await;
+            if !matches!(destroy, Ok(Ok(()))) {
+                tracing::warn!(sandbox_id = %self.id, "DestroySandbox did not complete; stopping the guest anyway");
+            }
+        }
+        let exit = self
+            .hypervisor
+            .stop(self.stop_grace)
+            .await
+            .map_err(|source| SandboxError::Hypervisor {
+                id: self.id.clone(),
+                source,
+            })?;
+        tracing::info!(sandbox_id = %self.id, ?exit, "sandbox stopped");
+        Ok(exit)
+    }
+}
+
+/// Dials the agent, giving up early if the guest dies meanwhile.
+async fn connect_agent(
+    id: &str,
+    hypervisor: &dyn Hypervisor,
+    config: &Config,
+) -> Result<AgentClient, SandboxError> {
+    let address = hypervisor.agent_address().ok_or(SandboxError::NoAddress {
+        id: id.into(),
+        backend: hypervisor.name(),
+    })?;
+    let address: Address = address.parse().map_err(|source| SandboxError::Address {
+        id: id.into(),
+        source,
+    })?;
+    tokio::select! {
+        agent = AgentClient::connect(&address, &config.agent) => {
+            agent.map_err(|source| SandboxError::Agent { id: id.into(), source: Box::new(source) })
+        }
+        exit = wait_exit(hypervisor.exit_watch()) => Err(SandboxError::DiedEarly {
+            id: id.into(),
+            exit: exit.unwrap_or(GuestExit::Exited(255)),
+        }),
+    }
+}
+
+fn write_record(dir: &Path, record: &SandboxRecord) -> Result<(), SandboxError> {
+    let fail = |message: String| SandboxError::Record {
+        id: record.id.clone(),
+        message,
+    };
+    let json = serde_json::to_vec(record).map_err(|e| fail(e.to_string()))?;
+    let tmp = dir.join(format!("{RECORD}.tmp"));
+    std::fs::write(&tmp, json).map_err(|e| fail(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, dir.join(RECORD))
+        .map_err(|e| fail(format!("renaming {}: {e}", tmp.display())))
+}
+
+/// Cleans up a sandbox whose runtime is gone: kills its guest process if
+/// it is still the one recorded, and removes its state directory. Returns
+/// what was found, `None` if there was no sandbox.
+pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord>, SandboxError> {
+    let dir = state_dir(config, id);
+    let fail = |message: String| SandboxError::Record {
+        id: id.into(),
+        message,
+    };
+    let record: Option<SandboxRecord> = match std::fs::read(dir.join(RECORD)) {
+        Ok(bytes) => {
+            Some(serde_json::from_slice(&bytes).map_err(|e| fail(format!("{RECORD}: {e}")))?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(fail(format!("reading {RECORD}: {e}"))),
+    };
+    if let Some(record) = &record {
+        kill_if_ours(record.pid, &dir);
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),
+    }
+    Ok(record)
+}
+
+/// SIGKILLs `pid` only if its command line names `dir`: after a crash the
+/// pid may belong to someone else by now.
+fn kill_if_ours(pid: u32, dir: &Path) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 1 {
+        return;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let needle = dir.as_os_str().as_encoded_bytes();
+    if cmdline.windows(needle.len()).any(|w| w == needle) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Let the kernel tear the process down before its directory goes.
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Copying a process's standard streams between containerd's FIFOs and the
+//! agent's WriteStdin / ReadStdout / ReadStderr calls.
+//!
+//! The FIFOs are opened read-write: opening never blocks waiting for the
+//! other side, and the stdin reader never sees a spurious end of file while
+//! the client has not opened its end yet. Stdin therefore ends on CloseIO
+//! (which `ctr` and the CRI send when their input ends): whatever is already
+//! in the FIFO is forwarded first, then the agent closes the process's stdin.
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::agent_client::AgentClient;
+use crate::lifecycle::registry::Stdio;
+
+/// The size of one ReadStdout/ReadStderr request.
+const CHUNK: u32 = 32 * 1024;
+
+/// The copy tasks of one process.
+#[derive(Debug, Default)]
+pub struct ProcessIo {
+    close_stdin: Option<Arc<Notify>>,
+    outputs: Vec<JoinHandle<()>>,
+}
+
+impl ProcessIo {
+    /// Opens the FIFOs `stdio` names and starts copying. Empty paths are
+    /// skipped; with a terminal, stderr is part of stdout.
+    pub fn start(
+        agent: &AgentClient,
+        container_id: &str,
+        exec_id: &str,
+        stdio: &Stdio,
+    ) -> std::io::Result<ProcessIo> {
+        let mut io = ProcessIo::default();
+        let streams = [
+            (Stream::Stdout, &stdio.stdout),
+            (Stream::Stderr, &stdio.stderr),
+        ];
+        for (stream, path) in streams {
+            if path.is_empty() || (stream == Stream::Stderr && stdio.terminal) {
+                continue;
+            }
+            let fifo = pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(path)?;
+            let task = copy_out(
+                agent.clone(),
+                container_id.into(),
+                exec_id.into(),
+                stream,
+                fifo,
+            );
+            io.outputs.push(tokio::spawn(task));
+        }
+        if !stdio.stdin.is_empty() {
+            let fifo = pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&stdio.stdin)?;
+            let close = Arc::new(Notify::new());
+            let task = copy_in(
+                agent.clone(),
+                container_id.into(),
+                exec_id.into(),
+                fifo,
+                Arc::clone(&close),
+            );
+            tokio::spawn(task);
+            io.close_stdin = Some(close);
+        }
+        Ok(io)
+    }
+
+    /// Forwards what stdin holds, then closes the process's stdin.
+    pub fn close_stdin(&self) {
+        if let Some(close) = &self.close_stdin {
+            close.notify_one();
+        }
+    }
+
+    /// Waits until the outputs reached their end, at most `bound`: a
+    /// process that left a child holding its stdout must not hold up its
+    /// exit forever.
+    pub async fn drain(&mut self, bound: Duration) {
+        let outputs = std::mem::take(&mut self.outputs);
+        let all = futures_join(outputs);
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!(
+                ?bound,
+                "output still open after the process exited; not waiting longer"
+            );
+        }
+    }
+}
+
+impl Drop for ProcessIo {
+    fn drop(&mut self) {
+        self.close_stdin();
+        for task in &self.outputs {
+            task.abort();
+        }
+    }
+}
+
+async fn futures_join(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+async fn copy_out(
+    agent: AgentClient,
+    container_id: String,
+    exec_id: String,
+    stream: Stream,
+    mut fifo: pipe::Sender,
+) {
+    let mut reader_gone = false;
+    loop {
+        let chunk = match stream {
+            Stream::Stdout => agent.read_stdout(&container_id, &exec_id, CHUNK).await,
+            Stream::Stderr => agent.read_stderr(&container_id, &exec_id, CHUNK).await,
+        };
+        let data = match chunk {
+            Ok(Some(data)) => data,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(container_id, exec_id, ?stream, error = %e, "output copy ended");
+                return;
+            }
+        };
+        // Once nobody reads the FIFO, keep draining the agent so the
+        // process is not blocked on a full buffer.
+        if !reader_gone {
+            if let Err(e) = fifo.write_all(&data).await {
+                tracing::debug!(container_id, exec_id, ?stream, error = %e, "FIFO reader gone; discarding output");
+                reader_gone = true;
+            }
+        }
+    }
+}
+
+async fn copy_in(
+    agent: AgentClient,
+    container_id: String,
+    exec_id: String,
+    mut fifo: pipe::Receiver,
+    close: Arc<Notify>,
+) {
+    let mut buf = vec![0u8; CHUNK as usize];
+    loop {
+        tokio::select! {
+            read = fifo.read(&mut buf) => match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    if forward(&agent, &container_id, &exec_id, &buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(container_id, exec_id, error = %e, "stdin FIFO read failed");
+                    break;
+                }
+            },
+            _ = close.notified() => {
+                // Forward what the client wrote before it asked to close.
+                loop {
+                    match fifo.try_read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if forward(&agent, &container_id, &exec_id, &buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    }
+                }
+                break;
+            }
+        }
+    }
+    if let Err(e) = agent.close_stdin(&container_id, &exec_id).await {
+        tracing::debug!(container_id, exec_id, error = %e, "closing stdin");
+    }
+}
+
+async fn forward(
+    agent: &AgentClient,
+    container_id: &str,
+    exec_id: &str,
+    mut data: &[u8],
+) -> Result<(), ()> {
+    while !data.is_empty() {
+        match agent
+            .write_stdin(container_id, exec_id, data.to_vec())
+            .await
+        {
+            Ok(0) => return Err(()),
+            Ok(n) => data = &data[(n as usize).min(data.len())..],
+            Err(e) => {
+                tracing::debug!(container_id, exec_id, error = %e, "stdin copy ended");
+                return Err(());
+            }
+        }
+    }
+    Ok(())
+}
