@@ -5,6 +5,8 @@
 //! Tests that need something this machine lacks (root, busybox) call
 //! [`require`] and return early, printing why they skipped.
 
+pub mod shim;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

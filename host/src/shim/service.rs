@@ -112,10 +112,8 @@ impl From<IllegalTransition> for ShimError {
 
 impl From<SpecError> for ShimError {
     fn from(e: SpecError) -> Self {
-        match e {
-            SpecError::Read { .. } => ShimError::NotFound(e.to_string()),
-            _ => ShimError::InvalidArgument(e.to_string()),
-        }
+        // A bundle containerd handed over that cannot be read is a bad request.
+        ShimError::InvalidArgument(e.to_string())
     }
 }
 
