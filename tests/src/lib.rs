@@ -5,6 +5,7 @@
 //! Tests that need something this machine lacks (root, busybox) call
 //! [`require`] and return early, printing why they skipped.
 
+pub mod containerd;
 pub mod shim;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,169 @@
+//! A private containerd for end-to-end tests: its own root, state and
+//! sockets under a temp dir, the Kestrel shim on its PATH, and a Kestrel
+//! configuration that puts sandboxes under the same temp dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::binary;
+
+/// Returns false, printing why, when containerd or ctr is missing.
+pub fn available(test: &str) -> bool {
+    for tool in ["containerd", "ctr"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            eprintln!("SKIP {test}: needs {tool} (apt-get install containerd)");
+            return false;
+        }
+    }
+    true
+}
+
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub address: PathBuf,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd and waits until it answers.
+    pub fn start() -> Containerd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let address = d.join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{address}\"\n[ttrpc]\n  address = \"{address}.ttrpc\"\n\
+             [debug]\n  level = \"info\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            address = address.display(),
+        );
+        std::fs::write(d.join("containerd.toml"), config).expect("containerd config");
+        let kestrel = format!(
+            "[sandbox]\nagent_path = \"{agent}\"\nstate_dir = \"{dir}\"\n",
+            agent = binary("kestrel-agent").display(),
+            dir = d.join("sandboxes").display(),
+        );
+        std::fs::write(d.join("kestrel.toml"), kestrel).expect("kestrel config");
+        let shim_dir = binary("containerd-shim-kestrel-v2")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = d.join("containerd.log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("containerd.toml"))
+            .env("PATH", path)
+            .env("KESTREL_CONFIG", d.join("kestrel.toml"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("starting containerd");
+        let c = Containerd {
+            dir,
+            address,
+            log,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start:\n{}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `ctr --address … args`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args).output().expect("running ctr")
+    }
+
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.address)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Pids of processes whose command line mentions this containerd's
+    /// directory: shims (their -address) and agents (their socket).
+    pub fn leftover_processes(&self) -> Vec<(u32, String)> {
+        let needle = self.path().display().to_string();
+        let me = std::process::id();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me || pid == self.child.id() {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let zombie = std::fs::read_to_string(entry.path().join("stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
+            if cmdline.contains(&needle) && !cmdline.starts_with("ctr ") && !zombie {
+                found.push((pid, cmdline));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for (pid, _) in self.leftover_processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

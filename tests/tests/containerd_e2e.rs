@@ -1,0 +1,207 @@
+//! containerd end to end: Debian's containerd, started by the test on a
+//! private socket, runs busybox containers with `ctr` on
+//! `io.containerd.kestrel.v2` (process sandboxes).
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kestrel_tests::containerd::{available, Containerd};
+use kestrel_tests::{busybox_rootfs, mounts_under, require};
+
+const RUNTIME: &str = "io.containerd.kestrel.v2";
+
+fn ready(test: &str) -> bool {
+    require(test) && available(test)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `ctr run` in the foreground: (stdout, exit code).
+fn run(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
+    let mut argv = vec![
+        "run",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        "PATH=/bin",
+        "--rootfs",
+        rootfs,
+        id,
+    ];
+    argv.extend_from_slice(args);
+    let out = c.ctr(&argv);
+    (text(&out.stdout), out.status.code().unwrap_or(-1))
+}
+
+fn run_detached(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) {
+    let mut argv = vec![
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        "PATH=/bin",
+        "--rootfs",
+        rootfs,
+        id,
+    ];
+    argv.extend_from_slice(args);
+    let out = c.ctr(&argv);
+    assert!(
+        out.status.success(),
+        "ctr run -d {id}: {}\n{}",
+        text(&out.stderr),
+        c.log_text()
+    );
+}
+
+/// Deletes a task once its exit is recorded (containerd refuses to delete
+/// a running task), then its container.
+fn delete(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = c.ctr(&["task", "delete", id]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ctr task delete {id}: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = c.ctr(&["container", "delete", id]);
+    assert!(
+        out.status.success(),
+        "ctr container delete {id}: {}",
+        text(&out.stderr)
+    );
+}
+
+fn assert_nothing_left(c: &Containerd) {
+    let tasks = text(&c.ctr(&["task", "ls", "-q"]).stdout);
+    assert_eq!(tasks.trim(), "", "tasks left");
+    let containers = text(&c.ctr(&["container", "ls", "-q"]).stdout);
+    assert_eq!(containers.trim(), "", "containers left");
+    // Shims exit after containerd's Shutdown; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.leftover_processes().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        c.leftover_processes(),
+        vec![],
+        "shim or agent processes left"
+    );
+    let sandboxes = c.path().join("sandboxes");
+    let left: Vec<_> = std::fs::read_dir(&sandboxes)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(left, Vec::<std::path::PathBuf>::new(), "sandbox state left");
+    assert_eq!(mounts_under(c.path()), Vec::<String>::new(), "mounts left");
+}
+
+#[test]
+fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
+    if !ready("ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+
+    let (out, status) = run(
+        &c,
+        rootfs,
+        "hello",
+        &["sh", "-c", "echo hello from kestrel; exit 3"],
+    );
+    assert_eq!(
+        (out.as_str(), status),
+        ("hello from kestrel\n", 3),
+        "{}",
+        c.log_text()
+    );
+    // A foreground `ctr run` deletes its task itself; the container stays.
+    let out = c.ctr(&["container", "delete", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    run_detached(&c, rootfs, "svc", &["sleep", "1000"]);
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("svc") && l.contains("RUNNING")),
+        "{ls}"
+    );
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "svc",
+        "sh",
+        "-c",
+        "echo in exec; exit 5",
+    ]);
+    assert_eq!(
+        (text(&exec.stdout).as_str(), exec.status.code()),
+        ("in exec\n", Some(5)),
+        "{}",
+        text(&exec.stderr)
+    );
+    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "svc"]);
+    assert!(kill.status.success(), "{}", text(&kill.stderr));
+    delete(&c, "svc");
+    assert_nothing_left(&c);
+}
+
+#[test]
+fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
+    if !ready("force_deletes_under_150_task_ls_loops_never_lose_a_container") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
+    for id in &ids {
+        run_detached(&c, rootfs, id, &["sleep", "1000"]);
+    }
+    // 150 background loops of `ctr task ls`, as in kata-containers issue 12336.
+    let script = format!(
+        "while :; do ctr --address {} task ls >/dev/null 2>&1; done",
+        c.address.display()
+    );
+    let mut loops: Vec<_> = (0..150)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("starting a task ls loop")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    for id in &ids {
+        let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(kill.status.success(), "{}", text(&kill.stderr));
+        delete(&c, id);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for l in &mut loops {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(l.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = l.wait();
+    }
+    let log = c.log_text();
+    assert!(!log.contains("failed to find container"), "{log}");
+    assert!(!log.contains("get state for"), "{log}");
+    assert_nothing_left(&c);
+}
