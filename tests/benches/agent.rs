@@ -12,25 +12,12 @@ use kestrel_tests::*;
 const CHECKS: usize = 5000;
 const RUNS: usize = 40;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn verdict(ok: bool) -> &'static str {
     if ok {
         "meets target"
     } else {
         "MISSES target"
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -395,6 +395,18 @@ async fn deleting_the_last_container_stops_its_sandbox() {
     shim.shutdown().await;
 }
 
+fn processes_running(cmdline: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&bytes).replace('\0', " ").trim_end() == cmdline && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.contains(") Z "))

@@ -93,11 +93,16 @@ impl Cgroup {
                 "no cgroup controllers are mounted under {CGROUP_ROOT}"
             )));
         }
-        if let Some((_, d)) = dirs.iter().find(|(_, d)| d.exists()) {
-            return Err(Error::AlreadyExists(format!(
-                "cgroup {} already exists",
-                d.display()
-            )));
+        for (_, d) in dirs.iter().filter(|(_, d)| d.exists()) {
+            // An empty cgroup is what an agent killed before it could clean
+            // up leaves behind (host mode); one with processes is in use.
+            if std::fs::remove_dir(d).is_err() {
+                return Err(Error::AlreadyExists(format!(
+                    "cgroup {} already exists and is in use",
+                    d.display()
+                )));
+            }
+            tracing::info!(cgroup = %d.display(), "removed a stale empty cgroup");
         }
         let cgroup = Cgroup { v2, dirs };
         let made = cgroup.make_dirs().and_then(|()| match resources {

@@ -40,6 +40,8 @@ const EXEC_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a relister-detected death waits for the exit watcher to record
 /// it (with the output drained) before recording it itself.
 const RELIST_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long a lost agent connection waits for the guest's death to show.
+const DEATH_NOTICE: Duration = Duration::from_secs(2);
 /// How long a liveness probe lets the agent answer.
 const PROBE_DEADLINE: Duration = Duration::from_millis(20);
 /// The exit status of every process whose sandbox died.
@@ -491,7 +493,7 @@ impl Runtime {
         let status = match sandbox.agent().wait_process(id, exec_id).await {
             Ok(status) => status,
             Err(e) => {
-                if sandbox.is_dead() {
+                if dies_soon(&sandbox).await {
                     // The sandbox-death watcher records this exit.
                     return;
                 }
@@ -849,10 +851,9 @@ impl Runtime {
             match sandbox.agent().remove_container(id, grace).await {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(Code::NOT_FOUND) => {}
-                Err(e) if sandbox.is_dead() => {
-                    tracing::warn!(container_id = %id, error = %e, "sandbox died during removal")
-                }
-                Err(e) => return Err(e.into()),
+                // A lost connection: if the guest is dying, there is nothing left to remove.
+                Err(e) if e.code().is_some() || !dies_soon(&sandbox).await => return Err(e.into()),
+                Err(e) => tracing::warn!(container_id = %id, error = %e, "sandbox died during removal"),
             }
         }
         if let Some(extras) = self.extras().remove(id) {
@@ -895,6 +896,13 @@ impl Runtime {
             }
         }
     }
+}
+
+/// Whether the guest has died or does within a moment: a dropped agent
+/// connection is usually the first sign of a dying guest.
+async fn dies_soon(sandbox: &Sandbox) -> bool {
+    let death = kestrel_hypervisor::wait_exit(sandbox.exit_watch());
+    tokio::time::timeout(DEATH_NOTICE, death).await.is_ok()
 }
 
 /// Relays OOM kills the agent reports as TaskOOM events.
