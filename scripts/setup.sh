@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    busybox-static build-essential ca-certificates curl pkg-config >/dev/null
+    busybox-static build-essential ca-certificates containerd curl pkg-config runc >/dev/null
 
 if ! command -v cargo >/dev/null; then
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal

@@ -134,9 +134,14 @@ impl InProcessShim {
     }
 
     pub async fn create(&self, id: &str, bundle: &Path, stdout: &str) {
+        self.create_with_stdin(id, bundle, "", stdout).await
+    }
+
+    pub async fn create_with_stdin(&self, id: &str, bundle: &Path, stdin: &str, stdout: &str) {
         let req = CreateTaskRequest {
             id: id.into(),
             bundle: bundle.display().to_string(),
+            stdin: stdin.into(),
             stdout: stdout.into(),
             ..Default::default()
         };

@@ -130,6 +130,40 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
     let out = c.ctr(&["container", "delete", "hello"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
+    // stdin reaches the container; ctr's CloseIO at its end closes it.
+    let mut cat = c
+        .ctr_command(&[
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "PATH=/bin",
+            "--rootfs",
+            rootfs,
+            "cat",
+            "cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run cat");
+    {
+        use std::io::Write;
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin
+            .write_all(b"through the FIFO\nand the agent\n")
+            .unwrap();
+    }
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.status.code()),
+        ("through the FIFO\nand the agent\n", Some(0)),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(c.ctr(&["container", "delete", "cat"]).status.success());
+
     run_detached(&c, rootfs, "svc", &["sleep", "1000"]);
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(
@@ -203,5 +237,42 @@ fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
     let log = c.log_text();
     assert!(!log.contains("failed to find container"), "{log}");
     assert!(!log.contains("get state for"), "{log}");
+    assert_nothing_left(&c);
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_the_delete_action() {
+    if !ready("a_killed_shim_is_cleaned_up_by_the_delete_action") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    run_detached(&c, rootfs.to_str().unwrap(), "orphan", &["sleep", "1000"]);
+    let address = c.address.display().to_string();
+    let shims: Vec<u32> = c
+        .leftover_processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2") && cmd.contains(&address))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "{:?}", c.leftover_processes());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // containerd notices the lost shim, runs `containerd-shim-kestrel-v2
+    // delete` (which kills the sandbox) and drops the task.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while text(&c.ctr(&["task", "ls", "-q"]).stdout).contains("orphan") {
+        assert!(
+            Instant::now() < deadline,
+            "containerd kept the task of a dead shim:\n{}",
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = c.ctr(&["container", "delete", "orphan"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     assert_nothing_left(&c);
 }

@@ -12,6 +12,7 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::ttrpc::Code;
 use containerd_shim_protos::types::task::Status;
 use kestrel_host::lifecycle::events::Event;
+use kestrel_host::lifecycle::relist::ObservedState;
 use kestrel_tests::shim::{bundle, prompt, status, InProcessShim};
 use kestrel_tests::{busybox_rootfs, code, require};
 
@@ -87,7 +88,7 @@ async fn state_during_teardown_reports_stopped_with_exit_code() {
             _ => None,
         })
         .collect();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(
         seen.len() > CALLERS * 6,
         "only {} State calls were made",
@@ -309,7 +310,7 @@ async fn agent_death_stops_every_container_with_status_255() {
             shim.path(),
             id,
             &rootfs,
-            &["sleep", "1000"],
+            &["sleep", "4242"],
             pod.clone(),
         );
         shim.create(id, &b, "").await;
@@ -360,6 +361,16 @@ async fn agent_death_stops_every_container_with_status_255() {
         !shim.path().join("sandboxes/pod").exists(),
         "the sandbox's state dir is gone"
     );
+    // The containers died with their agent, as they would with their VM.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_running("sleep 4242").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        processes_running("sleep 4242"),
+        Vec::<u32>::new(),
+        "container processes outlived the agent"
+    );
     shim.shutdown().await;
 }
 
@@ -398,9 +409,18 @@ async fn deleting_the_last_container_stops_its_sandbox() {
 fn processes_running(cmdline: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if String::from_utf8_lossy(&bytes).replace('\0', " ").trim_end() == cmdline && !is_zombie(pid) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&bytes)
+            .replace('\0', " ")
+            .trim_end()
+            == cmdline
+            && !is_zombie(pid)
+        {
             pids.push(pid);
         }
     }
@@ -432,4 +452,88 @@ async fn exec(
         ..Default::default()
     };
     shim.client.exec(prompt(), &req).await.map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relister_sees_a_death_and_keeps_what_it_knew() {
+    if !require("the_relister_sees_a_death_and_keeps_what_it_knew") {
+        return;
+    }
+    let shim = InProcessShim::start().await;
+    let rootfs = busybox_rootfs(shim.path());
+    let pid = shim.run(&rootfs, "watched", &["sleep", "1000"]).await;
+    let record = |shim: &InProcessShim| {
+        let runtime = std::sync::Arc::clone(&shim.runtime);
+        async move { runtime.relist_record("watched", "watched").await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while record(&shim).await.map(|r| r.state) != Some(ObservedState::Running) {
+        assert!(
+            Instant::now() < deadline,
+            "the relister never saw the container run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shim.kill("watched", "", SIGKILL).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        match record(&shim).await {
+            Some(r) if r.state == ObservedState::Exited => break r,
+            _ => assert!(
+                Instant::now() < deadline,
+                "the relister never saw the death"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((dead.pid, dead.exit_status), (Some(pid), Some(137)));
+    assert_eq!(shim.runtime.relister_health("watched").await, Some(Ok(())));
+    shim.delete("watched", "").await.unwrap();
+    shim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_io_forwards_pending_stdin_then_closes_it() {
+    if !require("close_io_forwards_pending_stdin_then_closes_it") {
+        return;
+    }
+    let shim = InProcessShim::start().await;
+    let rootfs = busybox_rootfs(shim.path());
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    let (stdin, stdout) = (shim.path().join("stdin"), shim.path().join("stdout"));
+    nix::unistd::mkfifo(&stdin, mode).unwrap();
+    nix::unistd::mkfifo(&stdout, mode).unwrap();
+    let reader = {
+        let stdout = stdout.clone();
+        std::thread::spawn(move || std::fs::read(stdout).unwrap())
+    };
+    let b = bundle(shim.path(), "piped", &rootfs, &["cat"]);
+    shim.create_with_stdin(
+        "piped",
+        &b,
+        &stdin.display().to_string(),
+        &stdout.display().to_string(),
+    )
+    .await;
+    shim.start_process("piped", "").await;
+    // Like the CRI: the writer stays open and CloseIO says the input ended.
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stdin)
+        .unwrap();
+    std::io::Write::write_all(&mut writer, b"kept open\n").unwrap();
+    let req = CloseIORequest {
+        id: "piped".into(),
+        stdin: true,
+        ..Default::default()
+    };
+    shim.client.close_io(prompt(), &req).await.expect("CloseIO");
+    assert_eq!(shim.wait("piped", "").await, 0);
+    shim.delete("piped", "").await.unwrap();
+    drop(writer);
+    shim.shutdown().await;
+    assert_eq!(
+        String::from_utf8_lossy(&reader.join().unwrap()),
+        "kept open\n"
+    );
 }

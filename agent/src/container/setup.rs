@@ -268,8 +268,20 @@ fn exec(program: &Path, p: &ProcessConfig) -> Result<Infallible, String> {
     // would with its VM: in host mode nothing else would stop it. Set here,
     // after the credential changes that clear it.
     // SAFETY: PR_SET_PDEATHSIG takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
-        return Err(format!("parent-death signal: {}", std::io::Error::last_os_error()));
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "parent-death signal: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let err = match execve(&path, &args, &env) {
         Err(e) => e,

@@ -853,7 +853,9 @@ impl Runtime {
                 Err(e) if e.code() == Some(Code::NOT_FOUND) => {}
                 // A lost connection: if the guest is dying, there is nothing left to remove.
                 Err(e) if e.code().is_some() || !dies_soon(&sandbox).await => return Err(e.into()),
-                Err(e) => tracing::warn!(container_id = %id, error = %e, "sandbox died during removal"),
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "sandbox died during removal")
+                }
             }
         }
         if let Some(extras) = self.extras().remove(id) {

@@ -1,11 +1,13 @@
 //! Copying a process's standard streams between containerd's FIFOs and the
 //! agent's WriteStdin / ReadStdout / ReadStderr calls.
 //!
-//! The FIFOs are opened read-write: opening never blocks waiting for the
-//! other side, and the stdin reader never sees a spurious end of file while
-//! the client has not opened its end yet. Stdin therefore ends on CloseIO
-//! (which `ctr` and the CRI send when their input ends): whatever is already
-//! in the FIFO is forwarded first, then the agent closes the process's stdin.
+//! The output FIFOs are opened read-write, so opening never blocks waiting
+//! for a reader. The stdin FIFO is opened read-only and non-blocking: the
+//! reader waits for readiness, and a FIFO no writer has opened yet is not
+//! readable (the kernel reports hang-up only after a writer came and went),
+//! so stdin ends when the client closes its end, as `ctr` does, or on
+//! CloseIO, as the CRI does. Either way whatever is in the FIFO is forwarded
+//! first, then the agent closes the process's stdin.
 
 use std::io::ErrorKind;
 use std::sync::Arc;
@@ -60,9 +62,7 @@ impl ProcessIo {
             io.outputs.push(tokio::spawn(task));
         }
         if !stdio.stdin.is_empty() {
-            let fifo = pipe::OpenOptions::new()
-                .read_write(true)
-                .open_receiver(&stdio.stdin)?;
+            let fifo = pipe::OpenOptions::new().open_receiver(&stdio.stdin)?;
             let close = Arc::new(Notify::new());
             let task = copy_in(
                 agent.clone(),
