@@ -9,8 +9,6 @@
 //!   cargo build --release --workspace && cargo bench -p kestrel-tests --bench shim
 //! KESTREL_BENCH_LOOPS=N changes the number of loops (0: idle shims).
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api::{StateRequest, StateResponse};
@@ -139,20 +137,7 @@ fn main() {
             );
         }
     }
-    let script = format!(
-        "while :; do ctr --address {} task ls >/dev/null 2>&1; done",
-        c.address.display()
-    );
-    let mut load: Vec<_> = (0..loops())
-        .map(|_| {
-            Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .process_group(0)
-                .spawn()
-                .expect("loop")
-        })
-        .collect();
+    let load = c.task_ls_load(loops());
     std::thread::sleep(Duration::from_secs(2));
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -205,13 +190,7 @@ fn main() {
         .map(rss_kib)
         .collect();
 
-    for l in &mut load {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(l.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = l.wait();
-    }
+    drop(load);
     for r in &RUNTIMES {
         for id in ids(r) {
             let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);

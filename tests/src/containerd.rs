@@ -2,6 +2,7 @@
 //! sockets under a temp dir, the Kestrel shim on its PATH, and a Kestrel
 //! configuration that puts sandboxes under the same temp dir.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -112,6 +113,26 @@ impl Containerd {
         cmd
     }
 
+    /// Starts `loops` shell loops running `ctr task ls` back to back, as in
+    /// kata-containers issue 12336; they stop when the value is dropped.
+    pub fn task_ls_load(&self, loops: usize) -> TaskLsLoad {
+        let script = format!(
+            "while :; do ctr --address {} task ls >/dev/null 2>&1; done",
+            self.address.display()
+        );
+        let children = (0..loops)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", &script])
+                    .stdin(Stdio::null())
+                    .process_group(0)
+                    .spawn()
+                    .expect("starting a task ls loop")
+            })
+            .collect();
+        TaskLsLoad(children)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -141,6 +162,19 @@ impl Containerd {
             }
         }
         found
+    }
+}
+
+/// Background `ctr task ls` loops; killed (with their ctr) on drop.
+pub struct TaskLsLoad(Vec<Child>);
+
+impl Drop for TaskLsLoad {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
     }
 }
 

@@ -157,6 +157,16 @@ impl InProcessShim {
         self.client.start(prompt(), &req).await.expect("Start").pid
     }
 
+    /// The pid Pids reports for a container: its guest's (the agent's here).
+    pub async fn guest_pid(&self, id: &str) -> u32 {
+        let req = PidsRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        let pids = self.client.pids(prompt(), &req).await.expect("Pids");
+        pids.processes.first().map(|p| p.pid).expect("a pid")
+    }
+
     pub async fn state(
         &self,
         id: &str,

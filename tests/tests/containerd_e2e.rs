@@ -2,8 +2,7 @@
 //! private socket, runs busybox containers with `ctr` on
 //! `io.containerd.kestrel.v2` (process sandboxes).
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kestrel_tests::containerd::{available, Containerd};
@@ -19,10 +18,12 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `ctr run` in the foreground: (stdout, exit code).
-fn run(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
-    let mut argv = vec![
-        "run",
+fn run_argv<'a>(detach: bool, rootfs: &'a str, id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec!["run"];
+    if detach {
+        argv.push("-d");
+    }
+    argv.extend([
         "--runtime",
         RUNTIME,
         "--env",
@@ -30,26 +31,19 @@ fn run(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
         "--rootfs",
         rootfs,
         id,
-    ];
+    ]);
     argv.extend_from_slice(args);
-    let out = c.ctr(&argv);
+    argv
+}
+
+/// `ctr run` in the foreground: (stdout, exit code).
+fn run(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
+    let out = c.ctr(&run_argv(false, rootfs, id, args));
     (text(&out.stdout), out.status.code().unwrap_or(-1))
 }
 
 fn run_detached(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) {
-    let mut argv = vec![
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--env",
-        "PATH=/bin",
-        "--rootfs",
-        rootfs,
-        id,
-    ];
-    argv.extend_from_slice(args);
-    let out = c.ctr(&argv);
+    let out = c.ctr(&run_argv(true, rootfs, id, args));
     assert!(
         out.status.success(),
         "ctr run -d {id}: {}\n{}",
@@ -130,19 +124,9 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
     let out = c.ctr(&["container", "delete", "hello"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    // stdin reaches the container; ctr's CloseIO at its end closes it.
+    // stdin reaches the container and ends when ctr closes its FIFO.
     let mut cat = c
-        .ctr_command(&[
-            "run",
-            "--runtime",
-            RUNTIME,
-            "--env",
-            "PATH=/bin",
-            "--rootfs",
-            rootfs,
-            "cat",
-            "cat",
-        ])
+        .ctr_command(&run_argv(false, rootfs, "cat", &["cat"]))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -206,20 +190,7 @@ fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
         run_detached(&c, rootfs, id, &["sleep", "1000"]);
     }
     // 150 background loops of `ctr task ls`, as in kata-containers issue 12336.
-    let script = format!(
-        "while :; do ctr --address {} task ls >/dev/null 2>&1; done",
-        c.address.display()
-    );
-    let mut loops: Vec<_> = (0..150)
-        .map(|_| {
-            Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .process_group(0)
-                .spawn()
-                .expect("starting a task ls loop")
-        })
-        .collect();
+    let load = c.task_ls_load(150);
     std::thread::sleep(Duration::from_secs(2));
     for id in &ids {
         let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
@@ -227,13 +198,7 @@ fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
         delete(&c, id);
     }
     std::thread::sleep(Duration::from_secs(1));
-    for l in &mut loops {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(l.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = l.wait();
-    }
+    drop(load);
     let log = c.log_text();
     assert!(!log.contains("failed to find container"), "{log}");
     assert!(!log.contains("get state for"), "{log}");

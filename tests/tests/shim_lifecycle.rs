@@ -17,15 +17,25 @@ use kestrel_tests::shim::{bundle, prompt, status, InProcessShim};
 use kestrel_tests::{busybox_rootfs, code, require};
 
 const SIGKILL: u32 = 9;
+
+/// The shim in process with a busybox rootfs, or `None` (printed) when the
+/// machine cannot run containers.
+async fn setup(test: &str) -> Option<(InProcessShim, std::path::PathBuf)> {
+    if !require(test) {
+        return None;
+    }
+    let shim = InProcessShim::start().await;
+    let rootfs = busybox_rootfs(shim.path());
+    Some((shim, rootfs))
+}
 const CALLERS: usize = 150;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_during_teardown_reports_stopped_with_exit_code() {
-    if !require("state_during_teardown_reports_stopped_with_exit_code") {
+    let Some((shim, rootfs)) = setup("state_during_teardown_reports_stopped_with_exit_code").await
+    else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     let ids: Vec<String> = (0..6).map(|i| format!("race-{i}")).collect();
     for id in &ids {
         shim.run(&rootfs, id, &["sleep", "1000"]).await;
@@ -120,11 +130,11 @@ async fn state_during_teardown_reports_stopped_with_exit_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_in_lifecycle_order_with_exec_exits_before_the_init_exit() {
-    if !require("events_arrive_in_lifecycle_order_with_exec_exits_before_the_init_exit") {
+    let Some((shim, rootfs)) =
+        setup("events_arrive_in_lifecycle_order_with_exec_exits_before_the_init_exit").await
+    else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     shim.run(&rootfs, "ordered", &["sleep", "1000"]).await;
     exec(&shim, "ordered", "e1", &["sleep", "1000"])
         .await
@@ -152,11 +162,11 @@ async fn events_arrive_in_lifecycle_order_with_exec_exits_before_the_init_exit()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_runs_to_completion_with_its_output_and_exit_code() {
-    if !require("a_container_runs_to_completion_with_its_output_and_exit_code") {
+    let Some((shim, rootfs)) =
+        setup("a_container_runs_to_completion_with_its_output_and_exit_code").await
+    else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     let fifo = shim.path().join("stdout");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let reader = {
@@ -193,11 +203,9 @@ async fn a_container_runs_to_completion_with_its_output_and_exit_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_errors_answer_the_right_codes() {
-    if !require("lifecycle_errors_answer_the_right_codes") {
+    let Some((shim, rootfs)) = setup("lifecycle_errors_answer_the_right_codes").await else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     shim.run(&rootfs, "codes", &["sleep", "1000"]).await;
 
     let b = bundle(shim.path(), "codes", &rootfs, &["true"]);
@@ -299,11 +307,10 @@ async fn lifecycle_errors_answer_the_right_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_death_stops_every_container_with_status_255() {
-    if !require("agent_death_stops_every_container_with_status_255") {
+    let Some((shim, rootfs)) = setup("agent_death_stops_every_container_with_status_255").await
+    else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     let pod = serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod"});
     for id in ["pod", "side"] {
         let b = kestrel_tests::shim::bundle_with(
@@ -316,33 +323,9 @@ async fn agent_death_stops_every_container_with_status_255() {
         shim.create(id, &b, "").await;
         shim.start_process(id, "").await;
     }
-    let pids = shim
-        .client
-        .pids(
-            prompt(),
-            &PidsRequest {
-                id: "side".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let agent = pids.processes[0].pid;
-    let pod_pids = shim
-        .client
-        .pids(
-            prompt(),
-            &PidsRequest {
-                id: "pod".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        pod_pids.processes[0].pid, agent,
-        "both containers share the pod's sandbox"
-    );
+    let agent = shim.guest_pid("side").await;
+    let pod_pids = shim.guest_pid("pod").await;
+    assert_eq!(pod_pids, agent, "both containers share the pod's sandbox");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -376,24 +359,11 @@ async fn agent_death_stops_every_container_with_status_255() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_last_container_stops_its_sandbox() {
-    if !require("deleting_the_last_container_stops_its_sandbox") {
+    let Some((shim, rootfs)) = setup("deleting_the_last_container_stops_its_sandbox").await else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     shim.run(&rootfs, "last", &["sleep", "1000"]).await;
-    let pids = shim
-        .client
-        .pids(
-            prompt(),
-            &PidsRequest {
-                id: "last".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let agent = pids.processes[0].pid;
+    let agent = shim.guest_pid("last").await;
     assert!(shim.path().join("sandboxes/last/agent.sock").exists());
     shim.kill("last", "", SIGKILL).await.unwrap();
     shim.wait("last", "").await;
@@ -456,11 +426,10 @@ async fn exec(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relister_sees_a_death_and_keeps_what_it_knew() {
-    if !require("the_relister_sees_a_death_and_keeps_what_it_knew") {
+    let Some((shim, rootfs)) = setup("the_relister_sees_a_death_and_keeps_what_it_knew").await
+    else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     let pid = shim.run(&rootfs, "watched", &["sleep", "1000"]).await;
     let record = |shim: &InProcessShim| {
         let runtime = std::sync::Arc::clone(&shim.runtime);
@@ -494,11 +463,9 @@ async fn the_relister_sees_a_death_and_keeps_what_it_knew() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_io_forwards_pending_stdin_then_closes_it() {
-    if !require("close_io_forwards_pending_stdin_then_closes_it") {
+    let Some((shim, rootfs)) = setup("close_io_forwards_pending_stdin_then_closes_it").await else {
         return;
-    }
-    let shim = InProcessShim::start().await;
-    let rootfs = busybox_rootfs(shim.path());
+    };
     let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
     let (stdin, stdout) = (shim.path().join("stdin"), shim.path().join("stdout"));
     nix::unistd::mkfifo(&stdin, mode).unwrap();
