@@ -241,3 +241,62 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_nothing_left(&c);
 }
+
+#[test]
+fn deleting_one_container_of_a_pod_leaves_the_others_running() {
+    if !ready("deleting_one_container_of_a_pod_leaves_the_others_running") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    for id in ["pod1", "app"] {
+        let mut argv = vec![
+            "run",
+            "-d",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+        ];
+        argv.extend(&run_argv(false, rootfs, id, &["sleep", "1000"])[1..]);
+        let out = c.ctr(&argv);
+        assert!(out.status.success(), "ctr run {id}: {}", text(&out.stderr));
+    }
+    let agents = |c: &Containerd| {
+        c.leftover_processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("kestrel-agent"))
+            .count()
+    };
+    assert_eq!(agents(&c), 1, "one sandbox for the pod");
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "app"])
+        .status
+        .success());
+    delete(&c, "app");
+    // containerd runs the shim's `delete` after each task delete: the pod's
+    // sandbox must survive it.
+    std::thread::sleep(Duration::from_secs(1));
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("pod1") && l.contains("RUNNING")),
+        "{ls}"
+    );
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "still",
+        "pod1",
+        "sh",
+        "-c",
+        "echo alive",
+    ]);
+    assert_eq!(text(&exec.stdout), "alive\n", "{}", text(&exec.stderr));
+    assert!(c
+        .ctr(&["task", "kill", "-s", "SIGKILL", "pod1"])
+        .status
+        .success());
+    delete(&c, "pod1");
+    assert_nothing_left(&c);
+}

@@ -504,3 +504,62 @@ async fn close_io_forwards_pending_stdin_then_closes_it() {
         "kept open\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_reaches_the_init_alone_unless_all_is_set() {
+    let Some((shim, rootfs)) = setup("kill_reaches_the_init_alone_unless_all_is_set").await else {
+        return;
+    };
+    // The init ignores SIGTERM; its exec does not.
+    let script = "trap '' TERM; while :; do sleep 1; done";
+    shim.run(&rootfs, "targets", &["sh", "-c", script]).await;
+    exec(&shim, "targets", "e1", &["sleep", "1000"])
+        .await
+        .unwrap();
+    shim.start_process("targets", "e1").await;
+    shim.kill("targets", "", 15)
+        .await
+        .expect("Kill of the init");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exec_state = shim.state("targets", "e1").await.unwrap();
+    assert_eq!(
+        status(&exec_state),
+        Status::RUNNING,
+        "SIGTERM for the init reached the exec"
+    );
+    let all = KillRequest {
+        id: "targets".into(),
+        signal: 15,
+        all: true,
+        ..Default::default()
+    };
+    shim.client.kill(prompt(), &all).await.expect("Kill --all");
+    assert_eq!(shim.wait("targets", "e1").await, 143);
+    shim.kill("targets", "", SIGKILL).await.unwrap();
+    assert_eq!(shim.wait("targets", "").await, 137);
+    shim.delete("targets", "").await.unwrap();
+    shim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_killed_before_start_can_be_waited_for() {
+    let Some((shim, rootfs)) = setup("a_container_killed_before_start_can_be_waited_for").await
+    else {
+        return;
+    };
+    let b = bundle(shim.path(), "unstarted", &rootfs, &["sleep", "1000"]);
+    shim.create("unstarted", &b, "").await;
+    shim.kill("unstarted", "", SIGKILL).await.expect("Kill");
+    let status_code = tokio::time::timeout(Duration::from_secs(10), shim.wait("unstarted", ""))
+        .await
+        .expect("Wait returns for a container killed before Start");
+    assert_eq!(status_code, 137);
+    let state = shim.state("unstarted", "").await.unwrap();
+    assert_eq!((status(&state), state.exit_status), (Status::STOPPED, 137));
+    shim.delete("unstarted", "").await.unwrap();
+    assert_eq!(
+        shim.events_of("unstarted"),
+        ["create", "exit 137", "delete"]
+    );
+    shim.shutdown().await;
+}

@@ -135,7 +135,14 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         Config::default()
     });
     let sandbox_id = sandbox_of_bundle(&bundle, &flags.id);
-    let record = clean_up_orphan(&config, &sandbox_id)?;
+    // containerd 1.6 also runs `delete` after every normal task delete. If
+    // the sandbox's shim still serves (other containers of the pod), the
+    // sandbox is not orphaned and must be left alone.
+    let record = if shim_serves(&bundle) {
+        None
+    } else {
+        clean_up_orphan(&config, &sandbox_id)?
+    };
     let rootfs = bundle.join("rootfs");
     if is_mount_point(&rootfs) {
         nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)?;
@@ -149,6 +156,16 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().write_all(&response.write_to_bytes()?)?;
     Ok(())
+}
+
+/// Whether the shim server whose address `start` wrote in the bundle still
+/// accepts connections.
+fn shim_serves(bundle: &Path) -> bool {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return false;
+    };
+    let path = address.trim().trim_start_matches("unix://");
+    !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 fn is_mount_point(path: &Path) -> bool {
@@ -202,11 +219,13 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
 
     exit.wait().await;
     tracing::info!("shim shutting down");
+    // First the socket: a `start` for this sandbox from now on must spawn a
+    // new shim rather than reuse this one.
+    let _ = std::fs::remove_file(&socket);
     runtime.stop_all().await;
     flush.notify_one();
     let _ = tokio::time::timeout(publish::FLUSH_TIMEOUT, forwarder).await;
     let _ = server.shutdown().await;
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

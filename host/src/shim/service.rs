@@ -38,17 +38,18 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// How long an init's exit waits for its execs' exits to be recorded first.
 const EXEC_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a relister-detected death waits for the exit watcher to record
-/// it (with the output drained) before recording it itself.
-const RELIST_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// it (after draining the output and its execs' exits) before recording it
+/// itself.
+const RELIST_EXIT_GRACE: Duration = Duration::from_secs(12);
 /// How long a lost agent connection waits for the guest's death to show.
 const DEATH_NOTICE: Duration = Duration::from_secs(2);
 /// How long a liveness probe lets the agent answer.
 const PROBE_DEADLINE: Duration = Duration::from_millis(20);
 /// The exit status of every process whose sandbox died.
 pub const SANDBOX_DIED_STATUS: u32 = 255;
-/// The status recorded for a container deleted before it ever started: the
-/// agent kills its waiting init.
-const NEVER_STARTED_STATUS: u32 = 137;
+/// The status of a process the agent killed on removal (SIGKILL), also
+/// recorded for a container deleted before it ever started.
+const KILLED_STATUS: u32 = 128 + libc::SIGKILL as u32;
 
 /// Every way a task request can fail; [`ShimError::code`] is the one place
 /// that decides the wire code.
@@ -298,19 +299,33 @@ impl Runtime {
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 tracing::debug!(?event, "relist");
-                let LifecycleEvent::ContainerDied { id, exit_status } = event else {
+                // Only an exit the agent reported: a container that merely
+                // left the list is being deleted.
+                let LifecycleEvent::ContainerDied {
+                    id,
+                    exit_status: Some(status),
+                } = event
+                else {
                     continue;
                 };
                 let Some(runtime) = runtime.upgrade() else {
                     return;
                 };
+                let Some(seen) = runtime.registry.get(&id) else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     tokio::time::sleep(RELIST_EXIT_GRACE).await;
-                    if let Some(container) = runtime.registry.get(&id) {
+                    // The same container, not a new one under its id.
+                    let same = runtime
+                        .registry
+                        .get(&id)
+                        .filter(|now| Arc::ptr_eq(now, &seen));
+                    if let Some(container) = same {
                         if !container.init.state().has_exited() {
-                            tracing::warn!(container_id = %id, ?exit_status, "relist found a death the exit watcher missed");
-                            let exit = Exit::now(exit_status.unwrap_or(SANDBOX_DIED_STATUS));
-                            runtime.record_exit(&container, &container.init, exit);
+                            tracing::warn!(container_id = %id, status, "relist found a death the exit watcher missed");
+                            let _op = container.op.lock().await;
+                            runtime.record_exit(&container, &container.init, Exit::now(status));
                         }
                     }
                 });
@@ -345,12 +360,16 @@ impl Runtime {
         ))?;
         let _op = container.op.lock().await;
         match self.create_in_sandbox(&container, &params, &mut spec).await {
-            Ok(pid) => {
+            Ok((pid, sandbox)) => {
                 self.events.emit(Event::Create {
                     container_id: params.id.clone(),
                     bundle: params.bundle.display().to_string(),
                     pid,
                 });
+                // Watched from creation: an init killed before Start still
+                // exits, and Wait must return for it.
+                let init = Arc::clone(&container.init);
+                tokio::spawn(Arc::clone(self).watch_exit(Arc::clone(&container), init, sandbox));
                 Ok(pid)
             }
             Err(e) => {
@@ -372,7 +391,7 @@ impl Runtime {
         container: &Container,
         params: &CreateParams,
         spec: &mut oci::Spec,
-    ) -> Result<u32> {
+    ) -> Result<(u32, Arc<Sandbox>)> {
         let id = &container.id;
         self.extras().insert(id.clone(), Extras::default());
         let root = resolve_root(&params.bundle, spec);
@@ -409,7 +428,7 @@ impl Runtime {
                 )));
             }
         }
-        Ok(sandbox.pid())
+        Ok((sandbox.pid(), sandbox))
     }
 
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
@@ -475,8 +494,8 @@ impl Runtime {
                 exec_id: exec_id.into(),
                 pid,
             });
+            tokio::spawn(Arc::clone(self).watch_exit(Arc::clone(&container), process, sandbox));
         }
-        tokio::spawn(Arc::clone(self).watch_exit(Arc::clone(&container), process, sandbox));
         Ok(pid)
     }
 
@@ -493,8 +512,10 @@ impl Runtime {
         let status = match sandbox.agent().wait_process(id, exec_id).await {
             Ok(status) => status,
             Err(e) => {
-                if dies_soon(&sandbox).await {
-                    // The sandbox-death watcher records this exit.
+                if e.code().is_none() && dies_soon(&sandbox).await {
+                    // The guest died; record it the way its death watcher
+                    // does (whichever runs first wins), execs first.
+                    self.record_guest_death(&container, exec_id);
                     return;
                 }
                 tracing::error!(container_id = id, exec_id, error = %e, "WaitProcess failed; recording the process as dead");
@@ -513,7 +534,32 @@ impl Runtime {
                 }
             }
         }
+        // An init's exit waits for its Start to be published: the
+        // operation holding the lock emits it before letting go.
+        let _op = if exec_id.is_empty() {
+            Some(container.op.lock().await)
+        } else {
+            None
+        };
         self.record_exit(&container, &process, Exit { status, at });
+    }
+
+    /// Stops the started processes of `container` with the guest-death
+    /// status: only `exec_id`, or (for an empty one) every exec, then the init.
+    fn record_guest_death(&self, container: &Container, exec_id: &str) {
+        let died = || Exit::now(SANDBOX_DIED_STATUS);
+        if !exec_id.is_empty() {
+            if let Some(exec) = container.process(exec_id) {
+                self.record_exit(container, &exec, died());
+            }
+            return;
+        }
+        for exec in container.execs_snapshot() {
+            if exec.state().phase() != Phase::Created {
+                self.record_exit(container, &exec, died());
+            }
+        }
+        self.record_exit(container, &container.init, died());
     }
 
     /// Records an exit once and publishes it; a second report is ignored.
@@ -547,12 +593,7 @@ impl Runtime {
             tracing::error!(sandbox_id = %sandbox.id, ?exit, "sandbox died; stopping its containers with status {SANDBOX_DIED_STATUS}");
         }
         for container in dying {
-            for exec in container.execs_snapshot() {
-                if exec.state().phase() != Phase::Created {
-                    self.record_exit(&container, &exec, Exit::now(SANDBOX_DIED_STATUS));
-                }
-            }
-            self.record_exit(&container, &container.init, Exit::now(SANDBOX_DIED_STATUS));
+            self.record_guest_death(&container, "");
         }
     }
 
@@ -619,8 +660,13 @@ impl Runtime {
             )));
         }
         let sandbox = self.sandbox_of(&container).await?;
-        // `all` on the init reaches every process of the container.
-        let target = if all { "" } else { exec_id };
+        // The agent knows the init by the container id; an empty id reaches
+        // every process of the container, which only `all` asks for.
+        let target = match (all, exec_id) {
+            (true, _) => "",
+            (false, "") => id,
+            (false, exec) => exec,
+        };
         match sandbox.agent().signal_process(id, target, signal).await {
             Err(e) if e.code() == Some(Code::NOT_FOUND) => Err(ShimError::NotFound(format!(
                 "{}: process already finished",
@@ -808,7 +854,7 @@ impl Runtime {
         let state = container.init.state();
         match state.phase() {
             Phase::Created => {
-                self.record_exit(&container, &container.init, Exit::now(NEVER_STARTED_STATUS))
+                self.record_exit(&container, &container.init, Exit::now(KILLED_STATUS))
             }
             Phase::Running | Phase::Paused => {
                 return Err(ShimError::FailedPrecondition(format!(
@@ -822,6 +868,13 @@ impl Runtime {
         if let Err(e) = self.remove_from_sandbox(&container).await {
             container.init.apply(Transition::DeleteFailed)?;
             return Err(e);
+        }
+        // RemoveContainer killed whatever outlived the init (execs in a
+        // shared PID namespace): their exits come before the TaskDelete.
+        for exec in container.execs_snapshot() {
+            if matches!(exec.state().phase(), Phase::Running | Phase::Paused) {
+                self.record_exit(&container, &exec, Exit::now(KILLED_STATUS));
+            }
         }
         let state = container.init.apply(Transition::FinishDelete)?;
         let exit = state

@@ -13,7 +13,7 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -49,15 +49,13 @@ impl ProcessIo {
             if path.is_empty() || (stream == Stream::Stderr && stdio.terminal) {
                 continue;
             }
-            let fifo = pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(path)?;
+            let sink = open_output(path)?;
             let task = copy_out(
                 agent.clone(),
                 container_id.into(),
                 exec_id.into(),
                 stream,
-                fifo,
+                sink,
             );
             io.outputs.push(tokio::spawn(task));
         }
@@ -88,14 +86,17 @@ impl ProcessIo {
     /// process that left a child holding its stdout must not hold up its
     /// exit forever.
     pub async fn drain(&mut self, bound: Duration) {
-        let outputs = std::mem::take(&mut self.outputs);
-        let all = futures_join(outputs);
-        if tokio::time::timeout(bound, all).await.is_err() {
-            tracing::warn!(
-                ?bound,
-                "output still open after the process exited; not waiting longer"
-            );
+        let deadline = tokio::time::Instant::now() + bound;
+        for task in &mut self.outputs {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!(
+                    ?bound,
+                    "output still open after the process exited; not waiting longer"
+                );
+                break;
+            }
         }
+        // Whatever did not finish is aborted when `self` drops.
     }
 }
 
@@ -108,10 +109,26 @@ impl Drop for ProcessIo {
     }
 }
 
-async fn futures_join(tasks: Vec<JoinHandle<()>>) {
-    for task in tasks {
-        let _ = task.await;
+/// Where an output goes: a FIFO path (containerd's default), or a
+/// `file://` URI as nerdctl passes for detached containers. Logging
+/// binaries (`binary://`) are refused.
+fn open_output(uri: &str) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        return Ok(Box::new(tokio::fs::File::from_std(file)));
     }
+    if uri.contains("://") {
+        return Err(std::io::Error::new(
+            ErrorKind::Unsupported,
+            format!("output {uri:?}: only FIFO paths and file:// URIs are supported"),
+        ));
+    }
+    // Read-write, so opening never waits for a reader.
+    let fifo = pipe::OpenOptions::new().read_write(true).open_sender(uri)?;
+    Ok(Box::new(fifo))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +142,8 @@ async fn copy_out(
     container_id: String,
     exec_id: String,
     stream: Stream,
-    mut fifo: pipe::Sender,
+    mut sink: Box<dyn AsyncWrite + Send + Unpin>,
 ) {
-    let mut reader_gone = false;
     loop {
         let chunk = match stream {
             Stream::Stdout => agent.read_stdout(&container_id, &exec_id, CHUNK).await,
@@ -141,13 +157,12 @@ async fn copy_out(
                 return;
             }
         };
-        // Once nobody reads the FIFO, keep draining the agent so the
-        // process is not blocked on a full buffer.
-        if !reader_gone {
-            if let Err(e) = fifo.write_all(&data).await {
-                tracing::debug!(container_id, exec_id, ?stream, error = %e, "FIFO reader gone; discarding output");
-                reader_gone = true;
-            }
+        // A FIFO nobody reads blocks here once full, and the process then
+        // blocks on its own output, as under runc.
+        let written = sink.write_all(&data).await;
+        if let Err(e) = written.and(sink.flush().await) {
+            tracing::warn!(container_id, exec_id, ?stream, error = %e, "writing output failed");
+            return;
         }
     }
 }
