@@ -60,7 +60,6 @@ pub struct Sandbox {
     pub id: String,
     hypervisor: Box<dyn Hypervisor>,
     agent: AgentClient,
-    state_dir: PathBuf,
     stop_grace: Duration,
 }
 
@@ -136,7 +135,6 @@ impl Sandbox {
                     id: id.into(),
                     hypervisor,
                     agent,
-                    state_dir: spec.state_dir,
                     stop_grace: grace,
                 }))
             }
@@ -156,14 +154,6 @@ impl Sandbox {
     /// The pid of the process that embodies the guest.
     pub fn pid(&self) -> u32 {
         self.hypervisor.pid().unwrap_or(0)
-    }
-
-    pub fn backend(&self) -> &'static str {
-        self.hypervisor.name()
-    }
-
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
     }
 
     /// `Some(exit)` once the guest ended.

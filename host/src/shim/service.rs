@@ -199,10 +199,6 @@ impl Runtime {
         })
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     fn extras(&self) -> MutexGuard<'_, HashMap<String, Extras>> {
         self.extras.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -787,19 +783,11 @@ impl Runtime {
         Ok(sandbox.agent().stats_container(id).await?)
     }
 
-    /// The pid containerd sees for every process of a container: the guest's.
+    /// The pids of a container as the host sees them: every process runs
+    /// behind the guest's one pid, as with Kata (none before Start).
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let container = self.live(id)?;
-        let mut pids = vec![container.init.state().pid()];
-        pids.extend(
-            container
-                .execs_snapshot()
-                .iter()
-                .map(|p| p.state().pid())
-                .filter(|pid| *pid != 0),
-        );
-        pids.dedup();
-        Ok(pids.into_iter().filter(|pid| *pid != 0).collect())
+        let pid = self.live(id)?.init.state().pid();
+        Ok(if pid == 0 { Vec::new() } else { vec![pid] })
     }
 
     /// Deletes an exec, or tears a container down. Idempotent for a
