@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             cli::Command::Agent(cmd) => cli::agent::run(cmd).await,
+            cli::Command::Image(cmd) => cli::image::run(cmd),
         }
     });
     result.unwrap_or_else(|e| {

@@ -359,33 +359,7 @@ pub fn mounts_under(path: &Path) -> Vec<String> {
 /// Whether `path` is an ELF executable without a program interpreter,
 /// i.e. statically linked.
 pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
-    let bytes = std::fs::read(path)?;
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    if bytes.get(..5) != Some(b"\x7fELF\x02") {
-        return Ok(false);
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return Ok(false);
-    };
-    const PT_INTERP: u32 = 3;
-    Ok((0..phnum as usize)
-        .all(|i| u32_at(phoff as usize + i * phentsize as usize) != Some(PT_INTERP)))
+    Ok(kestrel_guest_image::is_static_elf(&std::fs::read(path)?))
 }
 
 /// The statically linked release agent that goes into the guest image,

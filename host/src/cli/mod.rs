@@ -1,6 +1,7 @@
 //! The `kestrel` command line.
 
 pub mod agent;
+pub mod image;
 
 use clap::{Parser, Subcommand};
 
@@ -20,4 +21,7 @@ pub enum Command {
     /// Talk to a guest agent directly.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Build the guest image (kernel + initramfs with the agent as /init).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
