@@ -19,6 +19,7 @@ pub const FRAGMENTS: &[(&str, &str)] = &[
         "30-kvm-guest.config",
         include_str!("../configs/30-kvm-guest.config"),
     ),
+    ("40-trim.config", include_str!("../configs/40-trim.config")),
 ];
 
 /// One option a fragment asks for: `CONFIG_X=value`, or `# CONFIG_X is not
@@ -187,6 +188,18 @@ mod tests {
                 "{needed}"
             );
         }
+    }
+
+    #[test]
+    fn every_file_in_configs_is_a_fragment_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let names: Vec<&str> = FRAGMENTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(files, names);
     }
 
     #[test]

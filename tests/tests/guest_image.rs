@@ -285,7 +285,9 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
     let health = health.expect("Health.Check");
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(health.serving, "{health:?}\n{log}");
+    // Our kernel, with the fixed build stamps.
     assert!(log.contains("Linux version 6.1."), "{log}");
+    assert!(log.contains("(kestrel@kestrel)"), "{log}");
     eprintln!("QEMU TCG: boot to SERVING in {elapsed:.2?}");
     drop(qemu);
 }
