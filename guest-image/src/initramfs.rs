@@ -195,41 +195,49 @@ pub fn read(bytes: &[u8]) -> Result<BTreeMap<String, Node>, CpioError> {
 mod tests {
     use super::*;
 
-    fn sample() -> Archive {
+    fn sample_entries() -> Vec<(&'static str, Node)> {
+        vec![
+            (
+                "init",
+                Node::File {
+                    mode: 0o755,
+                    data: b"\x7fELF...".to_vec(),
+                },
+            ),
+            (
+                "sbin/init",
+                Node::Symlink {
+                    target: "../init".into(),
+                },
+            ),
+            (
+                "etc/hostname",
+                Node::File {
+                    mode: 0o644,
+                    data: b"kestrel\n".to_vec(),
+                },
+            ),
+            (
+                "dev/console",
+                Node::CharDevice {
+                    mode: 0o600,
+                    major: 5,
+                    minor: 1,
+                },
+            ),
+        ]
+    }
+
+    fn archive(entries: impl IntoIterator<Item = (&'static str, Node)>) -> Archive {
         let mut a = Archive::new();
-        a.insert(
-            "init",
-            Node::File {
-                mode: 0o755,
-                data: b"\x7fELF...".to_vec(),
-            },
-        )
-        .unwrap();
-        a.insert(
-            "sbin/init",
-            Node::Symlink {
-                target: "../init".into(),
-            },
-        )
-        .unwrap();
-        a.insert(
-            "etc/hostname",
-            Node::File {
-                mode: 0o644,
-                data: b"kestrel\n".to_vec(),
-            },
-        )
-        .unwrap();
-        a.insert(
-            "dev/console",
-            Node::CharDevice {
-                mode: 0o600,
-                major: 5,
-                minor: 1,
-            },
-        )
-        .unwrap();
+        for (path, node) in entries {
+            a.insert(path, node).unwrap();
+        }
         a
+    }
+
+    fn sample() -> Archive {
+        archive(sample_entries())
     }
 
     #[test]
@@ -273,43 +281,7 @@ mod tests {
 
     #[test]
     fn insertion_order_does_not_change_the_bytes() {
-        let mut reversed = Archive::new();
-        reversed
-            .insert(
-                "dev/console",
-                Node::CharDevice {
-                    mode: 0o600,
-                    major: 5,
-                    minor: 1,
-                },
-            )
-            .unwrap();
-        reversed
-            .insert(
-                "etc/hostname",
-                Node::File {
-                    mode: 0o644,
-                    data: b"kestrel\n".to_vec(),
-                },
-            )
-            .unwrap();
-        reversed
-            .insert(
-                "sbin/init",
-                Node::Symlink {
-                    target: "../init".into(),
-                },
-            )
-            .unwrap();
-        reversed
-            .insert(
-                "init",
-                Node::File {
-                    mode: 0o755,
-                    data: b"\x7fELF...".to_vec(),
-                },
-            )
-            .unwrap();
+        let reversed = archive(sample_entries().into_iter().rev());
         assert_eq!(reversed.to_bytes(), sample().to_bytes());
     }
 
