@@ -91,6 +91,9 @@ pub fn source(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PathBuf, Error> {
     let dir = cache.join(format!("linux-source-{}", source_id(tarball)?));
+    std::fs::create_dir_all(cache).map_err(|e| Error::io("creating", cache, e))?;
+    // Another build may be extracting the same tree right now.
+    let _lock = crate::CacheLock::take(&dir.with_extension("lock"))?;
     let stamp = dir.join(".kestrel-extracted");
     if stamp.exists() {
         return Ok(dir.join(SOURCE_PACKAGE));
@@ -150,6 +153,11 @@ pub fn build(
         vmlinux: build_dir.join("vmlinux"),
         bzimage: build_dir.join("arch/x86/boot/bzImage"),
     };
+    if let Some(parent) = build_dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+    }
+    // One build per build dir at a time; a second waits and then reuses it.
+    let _lock = crate::CacheLock::take(&build_dir.with_extension("lock"))?;
     let stamp = build_dir.join(".kestrel-built");
     if stamp.exists() && kernel.vmlinux.exists() && kernel.bzimage.exists() {
         return Ok(kernel);

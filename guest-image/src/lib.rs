@@ -60,6 +60,26 @@ const fn libc_enospc() -> i32 {
     28
 }
 
+/// An exclusive lock on a file in the cache, held until dropped: two
+/// builds (two `kestrel image build`s, or a build and a test) must not
+/// extract or compile into the same directory at once.
+pub(crate) struct CacheLock {
+    _held: std::fs::File,
+}
+
+impl CacheLock {
+    pub(crate) fn take(path: &Path) -> Result<CacheLock, Error> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("opening", path, e))?;
+        file.lock().map_err(|e| Error::io("locking", path, e))?;
+        Ok(CacheLock { _held: file })
+    }
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
