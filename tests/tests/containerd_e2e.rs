@@ -76,6 +76,17 @@ fn delete(c: &Containerd, id: &str) {
     );
 }
 
+/// SIGKILLs a task, then deletes it and its container.
+fn kill_and_delete(c: &Containerd, id: &str) {
+    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    assert!(
+        kill.status.success(),
+        "ctr task kill {id}: {}",
+        text(&kill.stderr)
+    );
+    delete(c, id);
+}
+
 fn assert_nothing_left(c: &Containerd) {
     let tasks = text(&c.ctr(&["task", "ls", "-q"]).stdout);
     assert_eq!(tasks.trim(), "", "tasks left");
@@ -171,9 +182,7 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
         "{}",
         text(&exec.stderr)
     );
-    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", "svc"]);
-    assert!(kill.status.success(), "{}", text(&kill.stderr));
-    delete(&c, "svc");
+    kill_and_delete(&c, "svc");
     assert_nothing_left(&c);
 }
 
@@ -193,9 +202,7 @@ fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
     let load = c.task_ls_load(150);
     std::thread::sleep(Duration::from_secs(2));
     for id in &ids {
-        let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-        assert!(kill.status.success(), "{}", text(&kill.stderr));
-        delete(&c, id);
+        kill_and_delete(&c, id);
     }
     std::thread::sleep(Duration::from_secs(1));
     drop(load);
@@ -268,11 +275,7 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
             .count()
     };
     assert_eq!(agents(&c), 1, "one sandbox for the pod");
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "app"])
-        .status
-        .success());
-    delete(&c, "app");
+    kill_and_delete(&c, "app");
     // containerd runs the shim's `delete` after each task delete: the pod's
     // sandbox must survive it.
     std::thread::sleep(Duration::from_secs(1));
@@ -293,10 +296,6 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
         "echo alive",
     ]);
     assert_eq!(text(&exec.stdout), "alive\n", "{}", text(&exec.stderr));
-    assert!(c
-        .ctr(&["task", "kill", "-s", "SIGKILL", "pod1"])
-        .status
-        .success());
-    delete(&c, "pod1");
+    kill_and_delete(&c, "pod1");
     assert_nothing_left(&c);
 }

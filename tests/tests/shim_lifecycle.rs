@@ -249,32 +249,16 @@ async fn lifecycle_errors_answer_the_right_codes() {
         .await
         .unwrap_err();
     assert_eq!(code(&checkpoint), Code::UNIMPLEMENTED);
-    let pause = shim
-        .client
-        .pause(
-            prompt(),
-            &PauseRequest {
-                id: "codes".into(),
-                ..Default::default()
-            },
-        )
-        .await;
-    pause.expect("Pause");
+    let pause = PauseRequest {
+        id: "codes".into(),
+        ..Default::default()
+    };
+    shim.client.pause(prompt(), &pause).await.expect("Pause");
     assert_eq!(
         status(&shim.state("codes", "").await.unwrap()),
         Status::PAUSED
     );
-    let again = shim
-        .client
-        .pause(
-            prompt(),
-            &PauseRequest {
-                id: "codes".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    let again = shim.client.pause(prompt(), &pause).await.unwrap_err();
     assert_eq!(code(&again), Code::FAILED_PRECONDITION);
     shim.client
         .resume(
