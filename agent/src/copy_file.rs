@@ -42,9 +42,9 @@ pub fn copy(shared_dir: &Path, req: &CopyFileRequest) -> Result<()> {
                 }
                 Err(_) => fs::create_dir(&path).map_err(|e| io_err(&req.path, e))?,
             }
+            chown(&path, req)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(perm))
-                .map_err(|e| io_err(&req.path, e))?;
-            chown(&path, req)
+                .map_err(|e| io_err(&req.path, e))
         }
         libc::S_IFLNK => {
             let target = std::str::from_utf8(&req.data).map_err(|_| {
@@ -98,9 +98,11 @@ fn write_chunk(path: &Path, perm: u32, req: &CopyFileRequest) -> Result<()> {
         .map_err(|e| io_err(&req.path, e))?;
     if end == req.file_size as u64 {
         file.set_len(end).map_err(|e| io_err(&req.path, e))?;
+        // Owner first: chown clears the setuid and setgid bits of a file,
+        // even when root calls it, so the mode must come after.
+        chown(&partial, req)?;
         file.set_permissions(fs::Permissions::from_mode(perm))
             .map_err(|e| io_err(&req.path, e))?;
-        chown(&partial, req)?;
         remove_non_dir(path, &req.path)?;
         fs::rename(&partial, path).map_err(|e| io_err(&req.path, e))?;
     }
@@ -289,6 +291,17 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)));
         assert!(!outside.join("f").exists());
+    }
+
+    #[test]
+    fn setuid_and_setgid_bits_survive_the_owner_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c1/rootfs/bin/su");
+        copy(dir.path(), &req(&f, libc::S_IFREG | 0o6755, b"x", 0, 1)).unwrap();
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+            0o6755
+        );
     }
 
     #[test]
