@@ -11,6 +11,9 @@
 //! The builtin KVM VMM, QEMU and Cloud Hypervisor follow in their issues.
 
 pub mod backend;
+pub mod vhost_user;
+pub mod vmm;
+pub mod vsock;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,7 +34,30 @@ pub struct SandboxSpec {
     pub agent_path: PathBuf,
     /// The agent's log level (`error`, `warn`, `info`, `debug`, `trace`).
     pub agent_log_level: String,
+    /// The guest VM's shape; VM backends refuse a spec without one, the
+    /// process backend ignores it.
+    pub vm: Option<VmSpec>,
 }
+
+/// What a VM backend boots: our guest image and the VM's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The guest kernel: an uncompressed `vmlinux` ELF (every backend boots
+    /// it without firmware).
+    pub kernel: PathBuf,
+    /// The initramfs whose /init is the agent.
+    pub initrd: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Extra kernel command-line parameters, appended after the backend's own.
+    pub kernel_params: String,
+}
+
+/// The kernel command line every VM backend starts from: the serial console,
+/// no waiting for devices that are not there, and a quiet boot.
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule quiet";
 
 /// How the guest (VM or agent process) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
