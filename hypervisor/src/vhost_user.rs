@@ -15,6 +15,9 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::vsock::queue::{process_rx, process_tx, Scratch, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::vsock::{Muxer, MuxerConfig};
@@ -103,6 +106,18 @@ impl VhostUserBackend for VsockBackend {
         (offset as usize..offset as usize + size as usize)
             .map(|i| config.get(i).copied().unwrap_or(0))
             .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the vring worker never leaves, and the daemon's
+        // teardown waits on it forever once the front end disconnects.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "creating the vring worker's exit event");
+                None
+            }
+        }
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
