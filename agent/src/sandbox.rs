@@ -3,7 +3,7 @@
 //! in `server.rs` is a thin translation onto these methods.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -222,8 +222,30 @@ impl Sandbox {
         let c = self.container(id)?;
         c.destroy(timeout).await?;
         self.slots().remove(id);
+        self.remove_copied_files(id).await;
         tracing::info!(container_id = %id, "container removed");
         Ok(())
+    }
+
+    /// Deletes `<shared_dir>/<id>`, where CopyFile put the container's
+    /// rootfs and bind-mounted files, so a pod's removed container leaves
+    /// nothing in the guest. A failure only warns: the container is gone
+    /// already and a retried RemoveContainer could not find it. A mount
+    /// still below the directory (none of ours: container mounts die with
+    /// the container's mount namespace) keeps it, since deleting through a
+    /// mount would delete what the mount shows.
+    async fn remove_copied_files(&self, id: &str) {
+        let dir = self.shared_dir.join(id);
+        if mounted_below(&dir) {
+            tracing::warn!(container_id = %id, dir = %dir.display(), "not removing the container's shared directory: something is mounted below it");
+            return;
+        }
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(container_id = %id, dir = %dir.display(), error = %e, "removing the container's shared directory");
+            }
+            _ => {}
+        }
     }
 
     pub async fn exec_process(
@@ -296,5 +318,54 @@ impl Sandbox {
             ));
         }
         init::set_clock(sec, usec)
+    }
+}
+
+/// Whether the mount table lists a mount point at or below `dir`.
+fn mounted_below(dir: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|point| Path::new(&unescape_mount_point(point)).starts_with(dir))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space and so on).
+fn unescape_mount_point(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_with_escaped_spaces_are_read_back() {
+        assert_eq!(
+            unescape_mount_point(r"/run/my\040shared/c1"),
+            "/run/my shared/c1"
+        );
+        assert_eq!(unescape_mount_point(r"/a\134b"), r"/a\b");
+        assert_eq!(unescape_mount_point(r"/trailing\04"), r"/trailing\04");
     }
 }

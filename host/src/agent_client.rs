@@ -387,6 +387,12 @@ impl AgentClient {
         rpc!(self, self.timed(), stats_container, "StatsContainer", req)
     }
 
+    /// Creates one directory or symlink, or writes one chunk of a regular
+    /// file, below the agent's shared directory (see [`crate::rootfs`]).
+    pub async fn copy_file(&self, req: CopyFileRequest) -> Result<(), AgentError> {
+        rpc!(self, self.timed(), copy_file, "CopyFile", req).map(drop)
+    }
+
     /// Waits, without a deadline, for the next OOM kill in the sandbox.
     pub async fn get_oom_event(&self) -> Result<String, AgentError> {
         let req = GetOOMEventRequest::new();

@@ -9,5 +9,6 @@ pub mod config;
 pub mod dial;
 pub mod lifecycle;
 pub mod oci;
+pub mod rootfs;
 pub mod sandbox;
 pub mod shim;

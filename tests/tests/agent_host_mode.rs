@@ -514,6 +514,27 @@ async fn copy_file_stays_inside_the_shared_directory() {
 }
 
 #[tokio::test]
+async fn remove_container_deletes_its_copied_files_from_the_shared_directory() {
+    require!("remove_container_deletes_its_copied_files_from_the_shared_directory");
+    let agent = Agent::start();
+    let (client, _) = agent.client().await;
+    // Where CopyFile puts a rootfs: <shared>/<id>/rootfs, named relative
+    // to the container's directory as the shim names it.
+    busybox_rootfs(&agent.shared_dir.join("copied"));
+    let neighbour = agent.shared_dir.join("neighbour/rootfs/f");
+    std::fs::create_dir_all(neighbour.parent().unwrap()).unwrap();
+    std::fs::write(&neighbour, b"stays").unwrap();
+    let rootfs = std::path::Path::new("rootfs");
+    let (out, _, status) = run(&client, "copied", spec(rootfs, &["echo", "ok"])).await;
+    assert_eq!((out.as_str(), status), ("ok\n", 0));
+    assert!(
+        !agent.shared_dir.join("copied").exists(),
+        "the removed container's files are still in the shared directory"
+    );
+    assert_eq!(std::fs::read(&neighbour).unwrap(), b"stays");
+}
+
+#[tokio::test]
 async fn unsupported_methods_answer_unimplemented() {
     require!("unsupported_methods_answer_unimplemented");
     let agent = Agent::start();
