@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kestrel_hypervisor::backend::{self, select};
 use serde::Deserialize;
 
 /// Where the configuration is read from unless `KESTREL_CONFIG` says otherwise.
@@ -36,6 +37,7 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub agent: AgentConfig,
     pub lifecycle: LifecycleConfig,
+    pub vm: VmConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -65,6 +67,30 @@ pub struct LifecycleConfig {
     pub tombstone_max_age_s: u64,
     pub relist_period_ms: u64,
     pub relist_unhealthy_after_s: u64,
+}
+
+/// `[vm]`: the guest VM the VM backends (`builtin`, `qemu`,
+/// `cloud-hypervisor`) boot, and the programs they run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// The guest kernel (`vmlinux`); empty means the one in [`guest_image_dir`].
+    pub kernel: PathBuf,
+    /// The initramfs; empty means the one in [`guest_image_dir`].
+    pub initrd: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    /// Appended to the backend's own kernel command line.
+    pub kernel_params: String,
+    /// The QEMU binary: a path, or a name looked up on `PATH`.
+    pub qemu: PathBuf,
+    /// The Cloud Hypervisor binary: a path, or a name looked up on `PATH`.
+    pub cloud_hypervisor: PathBuf,
+    /// The `kestrel-vmm` binary; empty means the one next to the running
+    /// executable, else the one on `PATH`.
+    pub vmm: PathBuf,
+    /// QEMU's accelerator: `auto`, `kvm` or `tcg`.
+    pub accel: String,
 }
 
 impl Default for SandboxConfig {
@@ -104,6 +130,36 @@ impl Default for LifecycleConfig {
     }
 }
 
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            memory_mib: 256,
+            vcpus: 1,
+            kernel_params: String::new(),
+            qemu: "qemu-system-x86_64".into(),
+            cloud_hypervisor: "cloud-hypervisor".into(),
+            vmm: PathBuf::new(),
+            accel: "auto".into(),
+        }
+    }
+}
+
+/// Where `kestrel image build` puts the guest image by default, and where
+/// an empty `[vm] kernel` / `initrd` point.
+pub fn guest_image_dir() -> PathBuf {
+    kestrel_guest_image::default_cache().join("image")
+}
+
+/// The name of the builtin VMM's binary.
+pub const VMM_BINARY: &str = "kestrel-vmm";
+
+/// The smallest guest memory the guest image boots in.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most vCPUs `[vm] vcpus` accepts.
+pub const MAX_VCPUS: u8 = 32;
+
 const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
 impl Config {
@@ -111,10 +167,37 @@ impl Config {
     /// [`DEFAULT_PATH`] when it exists, else returns the defaults. A file
     /// named by the variable must exist.
     pub fn load() -> Result<Config, ConfigError> {
+        match Config::source() {
+            Some(path) => Config::from_file(&path),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// The file [`Config::load`] reads, or `None` when it uses the defaults.
+    pub fn source() -> Option<PathBuf> {
         match std::env::var_os(PATH_ENV) {
-            Some(path) if !path.is_empty() => Config::from_file(Path::new(&path)),
-            _ if Path::new(DEFAULT_PATH).exists() => Config::from_file(Path::new(DEFAULT_PATH)),
-            _ => Ok(Config::default()),
+            Some(path) if !path.is_empty() => Some(path.into()),
+            _ if Path::new(DEFAULT_PATH).exists() => Some(DEFAULT_PATH.into()),
+            _ => None,
+        }
+    }
+
+    /// The guest VM to boot, with the empty defaults resolved.
+    pub fn vm_spec(&self) -> kestrel_hypervisor::VmSpec {
+        let image = guest_image_dir();
+        let or_image = |path: &Path, file: &str| {
+            if path.as_os_str().is_empty() {
+                image.join(file)
+            } else {
+                path.to_path_buf()
+            }
+        };
+        kestrel_hypervisor::VmSpec {
+            kernel: or_image(&self.vm.kernel, "vmlinux"),
+            initrd: or_image(&self.vm.initrd, "initrd.img"),
+            memory_mib: self.vm.memory_mib,
+            vcpus: self.vm.vcpus,
+            kernel_params: self.vm.kernel_params.clone(),
         }
     }
 
@@ -144,14 +227,14 @@ impl Config {
                 message,
             })
         };
-        let backends = kestrel_hypervisor::backend::NAMES;
-        if !backends.contains(&self.sandbox.hypervisor.as_str()) {
+        let hypervisor = self.sandbox.hypervisor.as_str();
+        if hypervisor != select::AUTO && !backend::NAMES.contains(&hypervisor) {
             return invalid(
                 "sandbox.hypervisor",
                 format!(
-                    "{:?} is not a backend this build has (have: {})",
-                    self.sandbox.hypervisor,
-                    backends.join(", ")
+                    "{hypervisor:?} is not a backend this build has (have: {}, {})",
+                    select::AUTO,
+                    backend::NAMES.join(", ")
                 ),
             );
         }
@@ -199,7 +282,75 @@ impl Config {
                 "must not be smaller than agent.dial_first_backoff_ms".into(),
             );
         }
+        self.validate_vm(path)
+    }
+
+    fn validate_vm(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })
+        };
+        let vm = &self.vm;
+        for (key, file) in [("vm.kernel", &vm.kernel), ("vm.initrd", &vm.initrd)] {
+            if !file.as_os_str().is_empty() && !file.is_absolute() {
+                return invalid(
+                    key,
+                    format!(
+                        "{} must be an absolute path, or empty for the guest image's",
+                        file.display()
+                    ),
+                );
+            }
+        }
+        if vm.memory_mib < MIN_MEMORY_MIB {
+            return invalid(
+                "vm.memory_mib",
+                format!(
+                    "{} MiB is too little for the guest; at least {MIN_MEMORY_MIB}",
+                    vm.memory_mib
+                ),
+            );
+        }
+        if !(1..=MAX_VCPUS).contains(&vm.vcpus) {
+            return invalid(
+                "vm.vcpus",
+                format!("{} is not between 1 and {MAX_VCPUS}", vm.vcpus),
+            );
+        }
+        for (key, program) in [
+            ("vm.qemu", &vm.qemu),
+            ("vm.cloud_hypervisor", &vm.cloud_hypervisor),
+        ] {
+            if program.as_os_str().is_empty() {
+                return invalid(key, "must name a program or a path".into());
+            }
+        }
+        if !select::ACCELS.contains(&vm.accel.as_str()) {
+            return invalid(
+                "vm.accel",
+                format!("{:?} is not one of {}", vm.accel, select::ACCELS.join(", ")),
+            );
+        }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// The `kestrel-vmm` binary this configuration means: `vmm` as a path
+    /// or a name on `PATH`; when empty, the one next to the running
+    /// executable, else the one on `PATH`. `None` when there is none.
+    pub fn vmm_binary(&self) -> Option<PathBuf> {
+        if !self.vmm.as_os_str().is_empty() {
+            return select::find_program(&self.vmm);
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
+            .and_then(|beside| select::find_program(&beside))
+            .or_else(|| select::find_program(Path::new(VMM_BINARY)))
     }
 }
 
@@ -274,9 +425,73 @@ mod tests {
         let err = parse("[sandbox]\nhypervisor = \"xen\"\n").unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("sandbox.hypervisor") && text.contains("xen") && text.contains("process"),
+            text.contains("sandbox.hypervisor") && text.contains("xen"),
             "{text}"
         );
+        for name in ["auto", "process", "builtin", "qemu", "cloud-hypervisor"] {
+            assert!(text.contains(name), "{text} lacks {name}");
+        }
+    }
+
+    #[test]
+    fn every_backend_and_auto_is_accepted() {
+        for name in ["auto", "process", "builtin", "qemu", "cloud-hypervisor"] {
+            let config = parse(&format!("[sandbox]\nhypervisor = \"{name}\"\n")).unwrap();
+            assert_eq!(config.sandbox.hypervisor, name);
+        }
+    }
+
+    #[test]
+    fn bad_vm_settings_are_refused_naming_the_key() {
+        for (text, key, says) in [
+            ("[vm]\nmemory_mib = 32\n", "vm.memory_mib", "at least 64"),
+            ("[vm]\nvcpus = 0\n", "vm.vcpus", "between 1 and 32"),
+            ("[vm]\nvcpus = 33\n", "vm.vcpus", "between 1 and 32"),
+            ("[vm]\naccel = \"hvf\"\n", "vm.accel", "auto, kvm, tcg"),
+            ("[vm]\nkernel = \"vmlinux\"\n", "vm.kernel", "absolute"),
+            ("[vm]\ninitrd = \"initrd.img\"\n", "vm.initrd", "absolute"),
+            ("[vm]\nqemu = \"\"\n", "vm.qemu", "program"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{text}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn vm_spec_defaults_to_the_built_guest_image() {
+        let spec = Config::default().vm_spec();
+        assert_eq!(spec.kernel, guest_image_dir().join("vmlinux"));
+        assert_eq!(spec.initrd, guest_image_dir().join("initrd.img"));
+        assert_eq!((spec.memory_mib, spec.vcpus), (256, 1));
+        assert_eq!(spec.kernel_params, "");
+    }
+
+    #[test]
+    fn vm_spec_uses_configured_files_and_shape() {
+        let config = parse(
+            "[vm]\nkernel = \"/k/vmlinux\"\ninitrd = \"/k/initrd\"\nmemory_mib = 512\nvcpus = 4\nkernel_params = \"agent.debug\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.vm_spec(),
+            kestrel_hypervisor::VmSpec {
+                kernel: "/k/vmlinux".into(),
+                initrd: "/k/initrd".into(),
+                memory_mib: 512,
+                vcpus: 4,
+                kernel_params: "agent.debug".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_configured_vmm_that_does_not_exist_is_not_found() {
+        let config = parse("[vm]\nvmm = \"/nonexistent/kestrel-vmm\"\n").unwrap();
+        assert_eq!(config.vm.vmm_binary(), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Agent(cmd) => cli::agent::run(cmd).await,
             cli::Command::Image(cmd) => cli::image::run(cmd),
+            cli::Command::Doctor(args) => cli::doctor::run(args),
         }
     });
     result.unwrap_or_else(|e| {

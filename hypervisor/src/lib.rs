@@ -86,6 +86,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Config(String),
+    #[error("the {0} backend needs a VM spec (kernel, initrd, size); none was given")]
+    NoVmSpec(&'static str),
     #[error("the agent binary {0} does not exist or is not executable")]
     AgentMissing(PathBuf),
     #[error("starting {what}: {source}")]

@@ -1,6 +1,7 @@
 //! The `kestrel` command line.
 
 pub mod agent;
+pub mod doctor;
 pub mod image;
 
 use clap::{Parser, Subcommand};
@@ -24,4 +25,7 @@ pub enum Command {
     /// Build the guest image (kernel + initramfs with the agent as /init).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Show which hypervisor `auto` picks here and why, and whether
+    /// everything it needs is present (exit status 1 when not).
+    Doctor(doctor::DoctorArgs),
 }

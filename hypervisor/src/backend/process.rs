@@ -195,6 +195,7 @@ mod tests {
             state_dir: dir.join("sb"),
             agent_path: agent.to_path_buf(),
             agent_log_level: "info".into(),
+            vm: None,
         }
     }
 

@@ -1,0 +1,222 @@
+//! The `builtin` backend: our own `kestrel-vmm` boots the guest image with
+//! a virtio-vsock device behind a hybrid socket, and the agent is reached
+//! with `CONNECT 1024`. It needs KVM that runs guests natively.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::child::{checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, Child};
+use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
+
+const NAME: &str = "builtin";
+/// The vsock port the agent listens on.
+const AGENT_PORT: u32 = 1024;
+
+/// One `kestrel-vmm` process running one sandbox's guest.
+pub struct Builtin {
+    vmm_binary: PathBuf,
+    prepared: Option<(SandboxSpec, PathBuf)>,
+    vmm: Child,
+}
+
+impl Builtin {
+    /// A backend that runs `vmm_binary` (a path, or a name on `PATH`).
+    pub fn new(vmm_binary: PathBuf) -> Self {
+        Builtin {
+            vmm_binary,
+            prepared: None,
+            vmm: Child::new("kestrel-vmm"),
+        }
+    }
+}
+
+fn vsock_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("vsock.sock")
+}
+
+/// The `kestrel-vmm` command line (program first) that boots `vm`.
+fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString> {
+    let dir = &spec.state_dir;
+    vec![
+        binary.into(),
+        "--kernel".into(),
+        vm.kernel.clone().into(),
+        "--initrd".into(),
+        vm.initrd.clone().into(),
+        "--cmdline".into(),
+        kernel_cmdline(vm).into(),
+        "--memory".into(),
+        vm.memory_mib.to_string().into(),
+        "--vcpus".into(),
+        vm.vcpus.to_string().into(),
+        "--vsock-uds".into(),
+        vsock_socket(dir).into(),
+        "--serial".into(),
+        dir.join("console.log").into(),
+        "--log-level".into(),
+        "info".into(),
+    ]
+}
+
+#[async_trait]
+impl Hypervisor for Builtin {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
+        checked_vm(NAME, spec)?;
+        let binary = find_binary(
+            "the kestrel-vmm binary",
+            &self.vmm_binary,
+            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
+        )?;
+        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
+        self.prepared = Some((spec.clone(), binary));
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<(), Error> {
+        let (spec, binary) = self
+            .prepared
+            .as_ref()
+            .ok_or(Error::NotPrepared(NAME, "start"))?;
+        let vm = spec.vm.as_ref().ok_or(Error::NotPrepared(NAME, "start"))?;
+        let argv = command_line(binary, spec, vm);
+        self.vmm
+            .spawn(&spec.id, &argv, &spec.state_dir.join("vmm.log"))
+    }
+
+    fn agent_address(&self) -> Option<String> {
+        let (spec, _) = self.prepared.as_ref()?;
+        Some(format!(
+            "hvsock://{}:{AGENT_PORT}",
+            vsock_socket(&spec.state_dir).display()
+        ))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.vmm.pid()
+    }
+
+    fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
+        self.vmm.exit_watch()
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error> {
+        let Some((spec, _)) = &self.prepared else {
+            return Ok(None);
+        };
+        // SIGTERM: kestrel-vmm stops the vCPUs and removes its socket.
+        let exit = self
+            .vmm
+            .stop(Some(Signal::SIGTERM), Instant::now() + grace)
+            .await;
+        remove_state_dir(&spec.state_dir)?;
+        Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path) -> SandboxSpec {
+        SandboxSpec {
+            id: "sb".into(),
+            state_dir: dir.join("sb"),
+            agent_path: "/unused".into(),
+            agent_log_level: "info".into(),
+            vm: Some(VmSpec {
+                kernel: dir.join("vmlinux"),
+                initrd: dir.join("initrd.img"),
+                memory_mib: 256,
+                vcpus: 2,
+                kernel_params: "debug".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn command_line_boots_the_image_with_the_hybrid_socket_in_the_state_dir() {
+        let dir = Path::new("/run/x");
+        let spec = spec(dir);
+        let argv = command_line(
+            Path::new("/bin/kestrel-vmm"),
+            &spec,
+            spec.vm.as_ref().unwrap(),
+        );
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            argv,
+            [
+                "/bin/kestrel-vmm",
+                "--kernel",
+                "/run/x/vmlinux",
+                "--initrd",
+                "/run/x/initrd.img",
+                "--cmdline",
+                &format!("{} debug", crate::BASE_KERNEL_PARAMS),
+                "--memory",
+                "256",
+                "--vcpus",
+                "2",
+                "--vsock-uds",
+                "/run/x/sb/vsock.sock",
+                "--serial",
+                "/run/x/sb/console.log",
+                "--log-level",
+                "info",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn prepare_names_a_missing_image_and_a_missing_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        let err = Builtin::new("/bin/true".into())
+            .prepare(&spec)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("kestrel image build"), "{err}");
+        std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.path().join("initrd.img"), b"i").unwrap();
+        let err = Builtin::new(dir.path().join("no-vmm"))
+            .prepare(&spec)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("kestrel-vmm"), "{err}");
+        let mut without_vm = spec.clone();
+        without_vm.vm = None;
+        let err = Builtin::new("/bin/true".into())
+            .prepare(&without_vm)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NoVmSpec("builtin")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn agent_address_is_the_hybrid_socket_on_port_1024() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.path().join("initrd.img"), b"i").unwrap();
+        let mut backend = Builtin::new("/bin/true".into());
+        assert_eq!(backend.agent_address(), None);
+        backend.prepare(&spec).await.unwrap();
+        assert_eq!(
+            backend.agent_address().unwrap(),
+            format!("hvsock://{}/sb/vsock.sock:1024", dir.path().display())
+        );
+    }
+}

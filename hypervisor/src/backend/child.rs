@@ -1,0 +1,179 @@
+//! What the VM backends share: checking the guest image and the binaries
+//! they run, and running a helper process (a VMM, a vhost-user backend) in
+//! its own process group with its output in a log and its exit watched.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::select::find_program;
+use crate::{wait_exit, Error, GuestExit, SandboxSpec, VmSpec, BASE_KERNEL_PARAMS};
+
+pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { what, path, source }
+}
+
+/// An `Error::Io` for something missing, with `why` in place of the OS's words.
+pub(crate) fn missing(what: &'static str, path: &Path, why: &str) -> Error {
+    io_err(what, path)(std::io::Error::new(std::io::ErrorKind::NotFound, why))
+}
+
+/// The VM part of `spec`, with its kernel and initrd present.
+pub(crate) fn checked_vm<'a>(
+    backend: &'static str,
+    spec: &'a SandboxSpec,
+) -> Result<&'a VmSpec, Error> {
+    let Some(vm) = &spec.vm else {
+        return Err(Error::NoVmSpec(backend));
+    };
+    for (what, path) in [
+        ("the guest kernel", &vm.kernel),
+        ("the guest initrd", &vm.initrd),
+    ] {
+        if !path.is_file() {
+            return Err(missing(
+                what,
+                path,
+                "does not exist; `kestrel image build` makes it",
+            ));
+        }
+    }
+    Ok(vm)
+}
+
+/// `program` as a path, or found on `PATH`.
+pub(crate) fn find_binary(
+    what: &'static str,
+    program: &Path,
+    hint: &str,
+) -> Result<PathBuf, Error> {
+    find_program(program).ok_or_else(|| missing(what, program, hint))
+}
+
+/// The guest kernel command line: ours first, then the configured extras.
+pub(crate) fn kernel_cmdline(vm: &VmSpec) -> String {
+    match vm.kernel_params.trim() {
+        "" => BASE_KERNEL_PARAMS.to_string(),
+        extra => format!("{BASE_KERNEL_PARAMS} {extra}"),
+    }
+}
+
+/// Removes a sandbox's state directory; one already gone is fine.
+pub(crate) fn remove_state_dir(dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing", dir)(e)),
+    }
+}
+
+/// A helper process of a sandbox.
+#[derive(Debug)]
+pub(crate) struct Child {
+    name: &'static str,
+    pid: Mutex<Option<u32>>,
+    exit_tx: watch::Sender<Option<GuestExit>>,
+}
+
+impl Child {
+    pub fn new(name: &'static str) -> Child {
+        Child {
+            name,
+            pid: Mutex::new(None),
+            exit_tx: watch::channel(None).0,
+        }
+    }
+
+    /// Starts `argv` with stdout and stderr in `log`.
+    pub fn spawn(&self, sandbox_id: &str, argv: &[OsString], log: &Path) -> Result<(), Error> {
+        if self.pid().is_some() {
+            return Err(Error::AlreadyStarted(self.name, "start"));
+        }
+        let out = std::fs::File::create(log).map_err(io_err("creating", log))?;
+        let err = out.try_clone().map_err(io_err("duplicating", log))?;
+        tracing::info!(sandbox_id, command = ?argv, "starting {}", self.name);
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Its own process group: a Ctrl-C meant for whoever started the
+            // runtime must not take the sandbox down behind its back.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                what: format!("{} {}", self.name, Path::new(&argv[0]).display()),
+                source,
+            })?;
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
+        let exit_tx = self.exit_tx.clone();
+        let (name, sandbox_id) = (self.name, sandbox_id.to_string());
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (status.code(), status.signal()) {
+                        (Some(code), _) => GuestExit::Exited(code),
+                        (None, Some(signal)) => GuestExit::Signaled(signal),
+                        (None, None) => GuestExit::Exited(255),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(sandbox_id, error = %e, "waiting for {name}");
+                    GuestExit::Exited(255)
+                }
+            };
+            tracing::info!(sandbox_id, %exit, "{name} ended");
+            exit_tx.send_replace(Some(exit));
+        });
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
+        self.exit_tx.subscribe()
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.exit_tx.borrow().is_some()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        // Only while the exit is unseen: after it, the pid may be reused.
+        if self.has_exited() {
+            return;
+        }
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Waits for the exit until `deadline`, then kills. `polite`, if any,
+    /// is sent first. Returns how it ended (`None` if it never started).
+    pub async fn stop(&self, polite: Option<Signal>, deadline: Instant) -> Option<GuestExit> {
+        self.pid()?;
+        if let Some(signal) = polite {
+            self.signal(signal);
+        }
+        let watch = self.exit_watch();
+        match tokio::time::timeout_at(deadline, wait_exit(watch.clone())).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!("{} did not stop in time; killing it", self.name);
+                self.signal(Signal::SIGKILL);
+                wait_exit(watch).await
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The `qemu` backend: QEMU's microvm machine boots our guest image, and
+//! the guest's virtio-vsock device is served by our own vsock core through
+//! `kestrel-vmm vhost-user-vsock`, which gives the host a hybrid socket.
+//!
+//! microvm with `acpi=off` puts virtio-mmio devices on the kernel command
+//! line by itself; vhost-user needs the guest RAM shared, hence the memfd
+//! memory backend. QEMU boots a bzImage (a plain vmlinux needs a PVH note
+//! our kernel does not carry), so a configured `vmlinux` is swapped for the
+//! `bzImage` beside it. `accel = "auto"` takes KVM only where it runs
+//! guests natively, TCG otherwise.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::child::{checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, Child};
+use super::select::{kvm_support, qemu_accel};
+use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
+
+const NAME: &str = "qemu";
+/// The vsock port the agent listens on.
+const AGENT_PORT: u32 = 1024;
+/// How long the vhost-user backend may take to create its socket.
+const BACKEND_READY: Duration = Duration::from_secs(5);
+/// How long the vhost-user backend gets to leave after QEMU is gone.
+const BACKEND_GRACE: Duration = Duration::from_secs(1);
+
+/// What the QEMU backend runs.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// `qemu-system-x86_64`, as a path or a name on `PATH`.
+    pub binary: PathBuf,
+    /// `kestrel-vmm`, whose `vhost-user-vsock` subcommand serves vsock.
+    pub vmm_binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+/// What `prepare` settled.
+#[derive(Debug, Clone)]
+struct Prepared {
+    spec: SandboxSpec,
+    qemu: PathBuf,
+    vmm: PathBuf,
+    kernel: PathBuf,
+    accel: &'static str,
+}
+
+/// A QEMU process and its vhost-user vsock backend, running one sandbox.
+pub struct Qemu {
+    options: QemuOptions,
+    prepared: Option<Prepared>,
+    qemu: Child,
+    backend: Child,
+}
+
+impl Qemu {
+    pub fn new(options: QemuOptions) -> Self {
+        Qemu {
+            options,
+            prepared: None,
+            qemu: Child::new("qemu"),
+            backend: Child::new("vhost-user vsock backend"),
+        }
+    }
+}
+
+fn vsock_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("vsock.sock")
+}
+
+fn vhost_user_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("vhost-user.sock")
+}
+
+/// The kernel QEMU can boot: the bzImage next to a `vmlinux`, if there is
+/// one, else the configured file.
+fn qemu_kernel(vm: &VmSpec) -> PathBuf {
+    let bzimage = vm.kernel.with_file_name("bzImage");
+    if vm.kernel.file_name().is_some_and(|n| n == "vmlinux") && bzimage.is_file() {
+        bzimage
+    } else {
+        vm.kernel.clone()
+    }
+}
+
+fn backend_command(p: &Prepared) -> Vec<OsString> {
+    let dir = &p.spec.state_dir;
+    vec![
+        p.vmm.clone().into(),
+        "vhost-user-vsock".into(),
+        "--socket".into(),
+        vhost_user_socket(dir).into(),
+        "--uds".into(),
+        vsock_socket(dir).into(),
+        "--log-level".into(),
+        "info".into(),
+    ]
+}
+
+fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
+    let dir = &p.spec.state_dir;
+    let mut chardev = OsString::from("socket,id=vsock0,path=");
+    chardev.push(vhost_user_socket(dir));
+    let mut serial = OsString::from("file:");
+    serial.push(dir.join("console.log"));
+    let mut argv: Vec<OsString> = vec![
+        p.qemu.clone().into(),
+        "-M".into(),
+        "microvm,acpi=off,memory-backend=mem0".into(),
+        "-accel".into(),
+        p.accel.into(),
+    ];
+    if p.accel == "kvm" {
+        argv.extend(["-cpu".into(), "host".into()]);
+    }
+    argv.extend([
+        "-m".into(),
+        format!("{}M", vm.memory_mib).into(),
+        "-smp".into(),
+        vm.vcpus.to_string().into(),
+        "-object".into(),
+        format!(
+            "memory-backend-memfd,id=mem0,size={}M,share=on",
+            vm.memory_mib
+        )
+        .into(),
+        "-kernel".into(),
+        p.kernel.clone().into(),
+        "-initrd".into(),
+        vm.initrd.clone().into(),
+        "-append".into(),
+        kernel_cmdline(vm).into(),
+        "-chardev".into(),
+        chardev,
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=vsock0".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        serial,
+    ]);
+    argv
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
+        let vm = checked_vm(NAME, spec)?;
+        let qemu = find_binary(
+            "the QEMU binary",
+            &self.options.binary,
+            "is not installed (apt-get install qemu-system-x86)",
+        )?;
+        let vmm = find_binary(
+            "the kestrel-vmm binary (it serves the guest's vsock)",
+            &self.options.vmm_binary,
+            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
+        )?;
+        let (accel, why) = qemu_accel(&self.options.accel, &kvm_support());
+        tracing::info!(sandbox_id = %spec.id, accel, why, "QEMU acceleration");
+        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
+        self.prepared = Some(Prepared {
+            spec: spec.clone(),
+            qemu,
+            vmm,
+            kernel: qemu_kernel(vm),
+            accel,
+        });
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<(), Error> {
+        let p = self
+            .prepared
+            .as_ref()
+            .ok_or(Error::NotPrepared(NAME, "start"))?;
+        let vm = p
+            .spec
+            .vm
+            .as_ref()
+            .ok_or(Error::NotPrepared(NAME, "start"))?;
+        let dir = &p.spec.state_dir;
+        self.backend.spawn(
+            &p.spec.id,
+            &backend_command(p),
+            &dir.join("vsock-backend.log"),
+        )?;
+        // QEMU connects to the backend's socket at once: wait for it.
+        let socket = vhost_user_socket(dir);
+        let ready_by = Instant::now() + BACKEND_READY;
+        while !socket.exists() {
+            if let Some(exit) = *self.backend.exit_watch().borrow() {
+                return Err(Error::EarlyExit {
+                    backend: NAME,
+                    exit,
+                });
+            }
+            if Instant::now() > ready_by {
+                self.backend.signal(Signal::SIGKILL);
+                return Err(io_err(
+                    "waiting for the vhost-user backend's socket",
+                    &socket,
+                )(std::io::ErrorKind::TimedOut.into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Err(e) = self
+            .qemu
+            .spawn(&p.spec.id, &qemu_command(p, vm), &dir.join("vmm.log"))
+        {
+            self.backend.signal(Signal::SIGKILL);
+            return Err(e);
+        }
+        // Without its vsock backend the guest is unreachable: treat the
+        // backend's death as the sandbox's, as the agent's would be.
+        let mut backend_exit = self.backend.exit_watch();
+        let qemu_pid = self.qemu.pid();
+        let mut qemu_exit = self.qemu.exit_watch();
+        let qemu_ended = self.qemu.exit_watch();
+        let sandbox_id = p.spec.id.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = backend_exit.wait_for(Option::is_some) => {
+                    if qemu_ended.borrow().is_none() {
+                        tracing::error!(sandbox_id, "the vsock backend died; stopping QEMU");
+                        if let Some(pid) = qemu_pid.and_then(|p| i32::try_from(p).ok()) {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                }
+                _ = qemu_exit.wait_for(Option::is_some) => {}
+            }
+        });
+        Ok(())
+    }
+
+    fn agent_address(&self) -> Option<String> {
+        let p = self.prepared.as_ref()?;
+        Some(format!(
+            "hvsock://{}:{AGENT_PORT}",
+            vsock_socket(&p.spec.state_dir).display()
+        ))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.qemu.pid()
+    }
+
+    fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
+        self.qemu.exit_watch()
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error> {
+        let Some(p) = &self.prepared else {
+            return Ok(None);
+        };
+        // QEMU first: it complains when its backend vanishes under it. The
+        // backend then sees the disconnect and leaves on its own.
+        let exit = self
+            .qemu
+            .stop(Some(Signal::SIGTERM), Instant::now() + grace)
+            .await;
+        self.backend
+            .stop(None, Instant::now() + BACKEND_GRACE)
+            .await;
+        remove_state_dir(&p.spec.state_dir)?;
+        Ok(exit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepared(dir: &Path, accel: &'static str) -> (Prepared, VmSpec) {
+        let vm = VmSpec {
+            kernel: dir.join("bzImage"),
+            initrd: dir.join("initrd.img"),
+            memory_mib: 256,
+            vcpus: 1,
+            kernel_params: String::new(),
+        };
+        let spec = SandboxSpec {
+            id: "sb".into(),
+            state_dir: dir.join("sb"),
+            agent_path: "/unused".into(),
+            agent_log_level: "info".into(),
+            vm: Some(vm.clone()),
+        };
+        let p = Prepared {
+            spec,
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            vmm: "/bin/kestrel-vmm".into(),
+            kernel: vm.kernel.clone(),
+            accel,
+        };
+        (p, vm)
+    }
+
+    fn strings(argv: Vec<OsString>) -> Vec<String> {
+        argv.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn qemu_boots_microvm_with_shared_memory_and_our_vhost_user_vsock() {
+        let (p, vm) = prepared(Path::new("/s"), "tcg");
+        let argv = strings(qemu_command(&p, &vm)).join(" ");
+        assert_eq!(
+            argv,
+            format!(
+                "/usr/bin/qemu-system-x86_64 -M microvm,acpi=off,memory-backend=mem0 -accel tcg \
+                 -m 256M -smp 1 -object memory-backend-memfd,id=mem0,size=256M,share=on \
+                 -kernel /s/bzImage -initrd /s/initrd.img -append {} \
+                 -chardev socket,id=vsock0,path=/s/sb/vhost-user.sock \
+                 -device vhost-user-vsock-device,chardev=vsock0 -display none -monitor none \
+                 -no-reboot -serial file:/s/sb/console.log",
+                crate::BASE_KERNEL_PARAMS
+            )
+        );
+        let (p, vm) = prepared(Path::new("/s"), "kvm");
+        assert!(strings(qemu_command(&p, &vm))
+            .join(" ")
+            .contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn backend_serves_the_hybrid_socket_the_agent_is_dialled_on() {
+        let (p, _) = prepared(Path::new("/s"), "tcg");
+        assert_eq!(
+            strings(backend_command(&p)).join(" "),
+            "/bin/kestrel-vmm vhost-user-vsock --socket /s/sb/vhost-user.sock \
+             --uds /s/sb/vsock.sock --log-level info"
+        );
+    }
+
+    #[test]
+    fn a_vmlinux_is_swapped_for_the_bzimage_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut vm) = prepared(dir.path(), "tcg");
+        vm.kernel = dir.path().join("vmlinux");
+        assert_eq!(
+            qemu_kernel(&vm),
+            dir.path().join("vmlinux"),
+            "no bzImage there"
+        );
+        std::fs::write(dir.path().join("bzImage"), b"bz").unwrap();
+        assert_eq!(qemu_kernel(&vm), dir.path().join("bzImage"));
+    }
+
+    #[tokio::test]
+    async fn prepare_names_missing_qemu_and_missing_vmm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = prepared(dir.path(), "tcg");
+        std::fs::write(dir.path().join("bzImage"), b"k").unwrap();
+        std::fs::write(dir.path().join("initrd.img"), b"i").unwrap();
+        let mut backend = Qemu::new(QemuOptions {
+            binary: dir.path().join("no-qemu"),
+            vmm_binary: "/bin/true".into(),
+            accel: "auto".into(),
+        });
+        let err = backend.prepare(&p.spec).await.unwrap_err().to_string();
+        assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+        let mut backend = Qemu::new(QemuOptions {
+            binary: "/bin/true".into(),
+            vmm_binary: dir.path().join("no-vmm"),
+            accel: "auto".into(),
+        });
+        let err = backend.prepare(&p.spec).await.unwrap_err().to_string();
+        assert!(err.contains("kestrel-vmm"), "{err}");
+    }
+}
