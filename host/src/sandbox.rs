@@ -6,13 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kestrel_hypervisor::backend::builtin::Builtin;
+use kestrel_hypervisor::backend::cloud_hypervisor::CloudHypervisor;
 use kestrel_hypervisor::backend::process::Process;
+use kestrel_hypervisor::backend::qemu::{Qemu, QemuOptions};
+use kestrel_hypervisor::backend::select;
 use kestrel_hypervisor::{wait_exit, GuestExit, Hypervisor, SandboxSpec};
 use kestrel_protocols::agent::CreateSandboxRequest;
 use tokio::sync::watch;
 
 use crate::agent_client::{AgentClient, AgentError};
-use crate::config::Config;
+use crate::config::{Config, VMM_BINARY};
 use crate::dial::Address;
 
 /// The file in a sandbox's state directory that lets `delete` (run when
@@ -73,13 +77,31 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
-/// The backend the configuration names.
-fn backend(name: &str) -> Box<dyn Hypervisor> {
-    debug_assert_eq!(
-        name, "process",
-        "config validation lets only known backends through"
-    );
-    Box::new(Process::new())
+/// The backend the configuration names, with `auto` resolved by what KVM
+/// can do here.
+fn backend(id: &str, config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
+    let kvm = select::kvm_support();
+    let (name, why) = select::resolve(&config.sandbox.hypervisor, &kvm).map_err(|e| {
+        SandboxError::Hypervisor {
+            id: id.into(),
+            source: kestrel_hypervisor::Error::Config(e.to_string()),
+        }
+    })?;
+    if config.sandbox.hypervisor == select::AUTO {
+        tracing::info!(sandbox_id = id, backend = name, why, "hypervisor chosen");
+    }
+    let vm = &config.vm;
+    let vmm = || vm.vmm_binary().unwrap_or_else(|| PathBuf::from(VMM_BINARY));
+    Ok(match name {
+        "builtin" => Box::new(Builtin::new(vmm())),
+        "qemu" => Box::new(Qemu::new(QemuOptions {
+            binary: vm.qemu.clone(),
+            vmm_binary: vmm(),
+            accel: vm.accel.clone(),
+        })),
+        "cloud-hypervisor" => Box::new(CloudHypervisor::new(vm.cloud_hypervisor.clone())),
+        _ => Box::new(Process::new()),
+    })
 }
 
 /// Where a sandbox keeps its files.
@@ -91,12 +113,13 @@ impl Sandbox {
     /// Starts the guest and connects to its agent. On any failure the guest
     /// is stopped and its state directory removed: nothing is left behind.
     pub async fn start(id: &str, config: &Config) -> Result<Arc<Sandbox>, SandboxError> {
-        let mut hypervisor = backend(&config.sandbox.hypervisor);
+        let mut hypervisor = backend(id, config)?;
         let spec = SandboxSpec {
             id: id.into(),
             state_dir: state_dir(config, id),
             agent_path: config.sandbox.agent_path.clone(),
             agent_log_level: config.sandbox.agent_log_level.clone(),
+            vm: Some(config.vm_spec()),
         };
         let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
         let hv_err = |source| SandboxError::Hypervisor {
@@ -152,6 +175,12 @@ impl Sandbox {
     }
 
     /// The pid of the process that embodies the guest.
+    /// Whether the agent sees the host's files (the process backend), or
+    /// lives in a VM that only gets what is copied in.
+    pub fn shares_host_files(&self) -> bool {
+        self.hypervisor.name() == "process"
+    }
+
     pub fn pid(&self) -> u32 {
         self.hypervisor.pid().unwrap_or(0)
     }

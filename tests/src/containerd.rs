@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::binary;
+use crate::{binary, mounts_under};
 
 /// Returns false, printing why, when containerd or ctr is missing.
 pub fn available(test: &str) -> bool {
@@ -31,8 +31,15 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd and waits until it answers.
+    /// Starts containerd and waits until it answers; Kestrel runs process
+    /// sandboxes.
     pub fn start() -> Containerd {
+        Containerd::start_configured("", "")
+    }
+
+    /// Starts containerd with `sandbox_keys` added to Kestrel's `[sandbox]`
+    /// section and `extra` sections after it.
+    pub fn start_configured(sandbox_keys: &str, extra: &str) -> Containerd {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let address = d.join("containerd.sock");
@@ -47,7 +54,7 @@ impl Containerd {
         );
         std::fs::write(d.join("containerd.toml"), config).expect("containerd config");
         let kestrel = format!(
-            "[sandbox]\nagent_path = \"{agent}\"\nstate_dir = \"{dir}\"\n",
+            "[sandbox]\nagent_path = \"{agent}\"\nstate_dir = \"{dir}\"\n{sandbox_keys}\n{extra}\n",
             agent = binary("kestrel-agent").display(),
             dir = d.join("sandboxes").display(),
         );
@@ -133,6 +140,84 @@ impl Containerd {
         TaskLsLoad(children)
     }
 
+    /// `ctr run` in the foreground: (stdout, exit code).
+    pub fn run(&self, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
+        let out = self.ctr(&run_argv(false, rootfs, id, args));
+        (text(&out.stdout), out.status.code().unwrap_or(-1))
+    }
+
+    pub fn run_detached(&self, rootfs: &str, id: &str, args: &[&str]) {
+        let out = self.ctr(&run_argv(true, rootfs, id, args));
+        assert!(
+            out.status.success(),
+            "ctr run -d {id}: {}\n{}",
+            text(&out.stderr),
+            self.log_text()
+        );
+    }
+
+    /// Deletes a task once its exit is recorded (containerd refuses to delete
+    /// a running task), then its container.
+    pub fn delete(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ctr(&["task", "delete", id]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctr task delete {id}: {}",
+                text(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = self.ctr(&["container", "delete", id]);
+        assert!(
+            out.status.success(),
+            "ctr container delete {id}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// SIGKILLs a task, then deletes it and its container.
+    pub fn kill_and_delete(&self, id: &str) {
+        let kill = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(
+            kill.status.success(),
+            "ctr task kill {id}: {}",
+            text(&kill.stderr)
+        );
+        self.delete(id);
+    }
+
+    pub fn assert_nothing_left(&self) {
+        let tasks = text(&self.ctr(&["task", "ls", "-q"]).stdout);
+        assert_eq!(tasks.trim(), "", "tasks left");
+        let containers = text(&self.ctr(&["container", "ls", "-q"]).stdout);
+        assert_eq!(containers.trim(), "", "containers left");
+        // Shims exit after containerd's Shutdown; give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftover_processes().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            self.leftover_processes(),
+            vec![],
+            "shim or agent processes left"
+        );
+        let sandboxes = self.path().join("sandboxes");
+        let left: Vec<_> = std::fs::read_dir(&sandboxes)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert_eq!(left, Vec::<std::path::PathBuf>::new(), "sandbox state left");
+        assert_eq!(
+            mounts_under(self.path()),
+            Vec::<String>::new(),
+            "mounts left"
+        );
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -200,4 +285,29 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The runtime name containerd knows Kestrel by.
+pub const RUNTIME: &str = "io.containerd.kestrel.v2";
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn run_argv<'a>(detach: bool, rootfs: &'a str, id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec!["run"];
+    if detach {
+        argv.push("-d");
+    }
+    argv.extend([
+        "--runtime",
+        RUNTIME,
+        "--env",
+        "PATH=/bin",
+        "--rootfs",
+        rootfs,
+        id,
+    ]);
+    argv.extend_from_slice(args);
+    argv
 }

@@ -388,3 +388,42 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// The guest image's files, as `kestrel image build --json` names them.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Builds (or reuses, from the user's cache) the guest image with the
+/// workspace's static agent. `None`, with the reason printed, where it
+/// cannot be built.
+pub fn guest_image(test: &str) -> Option<GuestImage> {
+    let Some(agent) = static_agent() else {
+        eprintln!("SKIP {test}: needs the static agent (./scripts/test.sh builds it)");
+        return None;
+    };
+    let output = std::process::Command::new(binary("kestrel"))
+        .args(["image", "build", "--json", "--agent"])
+        .arg(agent)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running kestrel image build");
+    if !output.status.success() {
+        eprintln!(
+            "SKIP {test}: kestrel image build failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let paths: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("kestrel image build --json prints JSON");
+    let path = |key: &str| PathBuf::from(paths[key].as_str().expect("a path"));
+    Some(GuestImage {
+        vmlinux: path("vmlinux"),
+        bzimage: path("bzimage"),
+        initrd: path("initrd"),
+    })
+}

@@ -5,109 +5,11 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kestrel_tests::containerd::{available, Containerd};
-use kestrel_tests::{busybox_rootfs, mounts_under, require};
-
-const RUNTIME: &str = "io.containerd.kestrel.v2";
+use kestrel_tests::containerd::{available, run_argv, text, Containerd};
+use kestrel_tests::{busybox_rootfs, require};
 
 fn ready(test: &str) -> bool {
     require(test) && available(test)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn run_argv<'a>(detach: bool, rootfs: &'a str, id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-    let mut argv = vec!["run"];
-    if detach {
-        argv.push("-d");
-    }
-    argv.extend([
-        "--runtime",
-        RUNTIME,
-        "--env",
-        "PATH=/bin",
-        "--rootfs",
-        rootfs,
-        id,
-    ]);
-    argv.extend_from_slice(args);
-    argv
-}
-
-/// `ctr run` in the foreground: (stdout, exit code).
-fn run(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) -> (String, i32) {
-    let out = c.ctr(&run_argv(false, rootfs, id, args));
-    (text(&out.stdout), out.status.code().unwrap_or(-1))
-}
-
-fn run_detached(c: &Containerd, rootfs: &str, id: &str, args: &[&str]) {
-    let out = c.ctr(&run_argv(true, rootfs, id, args));
-    assert!(
-        out.status.success(),
-        "ctr run -d {id}: {}\n{}",
-        text(&out.stderr),
-        c.log_text()
-    );
-}
-
-/// Deletes a task once its exit is recorded (containerd refuses to delete
-/// a running task), then its container.
-fn delete(c: &Containerd, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = c.ctr(&["task", "delete", id]);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ctr task delete {id}: {}",
-            text(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = c.ctr(&["container", "delete", id]);
-    assert!(
-        out.status.success(),
-        "ctr container delete {id}: {}",
-        text(&out.stderr)
-    );
-}
-
-/// SIGKILLs a task, then deletes it and its container.
-fn kill_and_delete(c: &Containerd, id: &str) {
-    let kill = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    assert!(
-        kill.status.success(),
-        "ctr task kill {id}: {}",
-        text(&kill.stderr)
-    );
-    delete(c, id);
-}
-
-fn assert_nothing_left(c: &Containerd) {
-    let tasks = text(&c.ctr(&["task", "ls", "-q"]).stdout);
-    assert_eq!(tasks.trim(), "", "tasks left");
-    let containers = text(&c.ctr(&["container", "ls", "-q"]).stdout);
-    assert_eq!(containers.trim(), "", "containers left");
-    // Shims exit after containerd's Shutdown; give them a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !c.leftover_processes().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(
-        c.leftover_processes(),
-        vec![],
-        "shim or agent processes left"
-    );
-    let sandboxes = c.path().join("sandboxes");
-    let left: Vec<_> = std::fs::read_dir(&sandboxes)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert_eq!(left, Vec::<std::path::PathBuf>::new(), "sandbox state left");
-    assert_eq!(mounts_under(c.path()), Vec::<String>::new(), "mounts left");
 }
 
 #[test]
@@ -119,8 +21,7 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
     let rootfs = busybox_rootfs(c.path());
     let rootfs = rootfs.to_str().unwrap();
 
-    let (out, status) = run(
-        &c,
+    let (out, status) = c.run(
         rootfs,
         "hello",
         &["sh", "-c", "echo hello from kestrel; exit 3"],
@@ -159,7 +60,7 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
     );
     assert!(c.ctr(&["container", "delete", "cat"]).status.success());
 
-    run_detached(&c, rootfs, "svc", &["sleep", "1000"]);
+    c.run_detached(rootfs, "svc", &["sleep", "1000"]);
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(
         ls.lines()
@@ -182,8 +83,8 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
         "{}",
         text(&exec.stderr)
     );
-    kill_and_delete(&c, "svc");
-    assert_nothing_left(&c);
+    c.kill_and_delete("svc");
+    c.assert_nothing_left();
 }
 
 #[test]
@@ -196,20 +97,20 @@ fn force_deletes_under_150_task_ls_loops_never_lose_a_container() {
     let rootfs = rootfs.to_str().unwrap();
     let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
     for id in &ids {
-        run_detached(&c, rootfs, id, &["sleep", "1000"]);
+        c.run_detached(rootfs, id, &["sleep", "1000"]);
     }
     // 150 background loops of `ctr task ls`, as in kata-containers issue 12336.
     let load = c.task_ls_load(150);
     std::thread::sleep(Duration::from_secs(2));
     for id in &ids {
-        kill_and_delete(&c, id);
+        c.kill_and_delete(id);
     }
     std::thread::sleep(Duration::from_secs(1));
     drop(load);
     let log = c.log_text();
     assert!(!log.contains("failed to find container"), "{log}");
     assert!(!log.contains("get state for"), "{log}");
-    assert_nothing_left(&c);
+    c.assert_nothing_left();
 }
 
 #[test]
@@ -219,7 +120,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() {
     }
     let c = Containerd::start();
     let rootfs = busybox_rootfs(c.path());
-    run_detached(&c, rootfs.to_str().unwrap(), "orphan", &["sleep", "1000"]);
+    c.run_detached(rootfs.to_str().unwrap(), "orphan", &["sleep", "1000"]);
     let address = c.address.display().to_string();
     let shims: Vec<u32> = c
         .leftover_processes()
@@ -246,7 +147,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() {
     }
     let out = c.ctr(&["container", "delete", "orphan"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_nothing_left(&c);
+    c.assert_nothing_left();
 }
 
 #[test]
@@ -275,7 +176,7 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
             .count()
     };
     assert_eq!(agents(&c), 1, "one sandbox for the pod");
-    kill_and_delete(&c, "app");
+    c.kill_and_delete("app");
     // containerd runs the shim's `delete` after each task delete: the pod's
     // sandbox must survive it.
     std::thread::sleep(Duration::from_secs(1));
@@ -296,6 +197,6 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
         "echo alive",
     ]);
     assert_eq!(text(&exec.stdout), "alive\n", "{}", text(&exec.stderr));
-    kill_and_delete(&c, "pod1");
-    assert_nothing_left(&c);
+    c.kill_and_delete("pod1");
+    c.assert_nothing_left();
 }

@@ -17,7 +17,7 @@ use kestrel_protocols::agent::{
 use kestrel_protocols::oci;
 use kestrel_protocols::ttrpc::Code;
 
-use crate::agent_client::{AgentError, Probe};
+use crate::agent_client::{AgentClient, AgentError, Probe};
 use crate::config::Config;
 use crate::lifecycle::events::{Event, EventStream};
 use crate::lifecycle::registry::{
@@ -29,6 +29,7 @@ use crate::lifecycle::relist::{
 };
 use crate::lifecycle::state::{Exit, IllegalTransition, Phase, ProcessState, Transition};
 use crate::oci::{load_bundle_spec, process_from_json, resources_from_json, sandbox_id, SpecError};
+use crate::rootfs;
 use crate::sandbox::{Sandbox, SandboxError};
 
 use super::stdio::ProcessIo;
@@ -403,6 +404,9 @@ impl Runtime {
         }
         let sandbox = self.ensure_sandbox(&container.sandbox_id).await?;
         let agent = sandbox.agent();
+        if !sandbox.shares_host_files() {
+            copy_into_vm(agent, id, spec).await?;
+        }
         agent
             .create_container(CreateContainerRequest {
                 container_id: id.clone(),
@@ -1102,6 +1106,28 @@ fn resolve_root(bundle: &Path, spec: &oci::Spec) -> PathBuf {
     } else {
         bundle.join(path)
     }
+}
+
+/// Kata's "no shared filesystem" mode: the container's rootfs and the
+/// files its spec bind-mounts are copied into the guest, and the spec is
+/// pointed at the copies. The container is created only after a complete
+/// copy.
+async fn copy_into_vm(agent: &AgentClient, id: &str, spec: &mut oci::Spec) -> Result<()> {
+    let host_root = PathBuf::from(&spec.Root.Path);
+    let guest_root = rootfs::guest_rootfs_path(rootfs::GUEST_SHARED_DIR, id);
+    let started = std::time::Instant::now();
+    let stats = rootfs::copy_into_guest(agent, &host_root, &guest_root, None)
+        .await
+        .map_err(|e| ShimError::Internal(format!("copying the rootfs of {id} into the VM: {e}")))?;
+    tracing::info!(container_id = id, files = stats.files, bytes = stats.bytes, elapsed = ?started.elapsed(), "rootfs copied into the VM");
+    spec.Root.mut_or_insert_default().Path = guest_root;
+    let mounts = rootfs::copy_bind_mounts(agent, rootfs::GUEST_SHARED_DIR, id, &spec.Mounts)
+        .await
+        .map_err(|e| {
+            ShimError::Internal(format!("copying the bind mounts of {id} into the VM: {e}"))
+        })?;
+    spec.Mounts = mounts;
+    Ok(())
 }
 
 fn mount_rootfs(mounts: &[RootfsMount], target: &Path) -> Result<()> {
