@@ -11,33 +11,24 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, Child};
+use super::child::{kernel_cmdline, remove_state_dir, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = "builtin";
-/// The vsock port the agent listens on.
-const AGENT_PORT: u32 = 1024;
 
 /// One `kestrel-vmm` process running one sandbox's guest.
-pub struct Builtin {
-    vmm_binary: PathBuf,
-    prepared: Option<(SandboxSpec, PathBuf)>,
-    vmm: Child,
-}
+pub struct Builtin(SingleVmm);
 
 impl Builtin {
     /// A backend that runs `vmm_binary` (a path, or a name on `PATH`).
     pub fn new(vmm_binary: PathBuf) -> Self {
-        Builtin {
+        Builtin(SingleVmm::new(
+            NAME,
+            "the kestrel-vmm binary",
             vmm_binary,
-            prepared: None,
-            vmm: Child::new("kestrel-vmm"),
-        }
+            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
+        ))
     }
-}
-
-fn vsock_socket(state_dir: &Path) -> PathBuf {
-    state_dir.join("vsock.sock")
 }
 
 /// The `kestrel-vmm` command line (program first) that boots `vm`.
@@ -71,50 +62,32 @@ impl Hypervisor for Builtin {
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
-        checked_vm(NAME, spec)?;
-        let binary = find_binary(
-            "the kestrel-vmm binary",
-            &self.vmm_binary,
-            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
-        )?;
-        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
-        self.prepared = Some((spec.clone(), binary));
-        Ok(())
+        self.0.prepare(spec)
     }
 
     async fn start(&mut self) -> Result<(), Error> {
-        let (spec, binary) = self
-            .prepared
-            .as_ref()
-            .ok_or(Error::NotPrepared(NAME, "start"))?;
-        let vm = spec.vm.as_ref().ok_or(Error::NotPrepared(NAME, "start"))?;
-        let argv = command_line(binary, spec, vm);
-        self.vmm
-            .spawn(&spec.id, &argv, &spec.state_dir.join("vmm.log"))
+        self.0.start(command_line)
     }
 
     fn agent_address(&self) -> Option<String> {
-        let (spec, _) = self.prepared.as_ref()?;
-        Some(format!(
-            "hvsock://{}:{AGENT_PORT}",
-            vsock_socket(&spec.state_dir).display()
-        ))
+        self.0.agent_address()
     }
 
     fn pid(&self) -> Option<u32> {
-        self.vmm.pid()
+        self.0.vmm.pid()
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
-        self.vmm.exit_watch()
+        self.0.vmm.exit_watch()
     }
 
     async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error> {
-        let Some((spec, _)) = &self.prepared else {
+        let Some(spec) = self.0.spec() else {
             return Ok(None);
         };
         // SIGTERM: kestrel-vmm stops the vCPUs and removes its socket.
         let exit = self
+            .0
             .vmm
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
             .await;

@@ -177,3 +177,86 @@ impl Child {
         }
     }
 }
+
+/// The vsock port the agent listens on.
+pub(crate) const AGENT_PORT: u32 = 1024;
+
+/// The hybrid vsock socket of a VM sandbox: the host's side of the guest's
+/// vsock device, in the sandbox's state directory.
+pub(crate) fn vsock_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("vsock.sock")
+}
+
+/// A sandbox whose guest one VMM process runs, its agent reached through
+/// the hybrid socket: what `builtin` and `cloud-hypervisor` share.
+#[derive(Debug)]
+pub(crate) struct SingleVmm {
+    backend: &'static str,
+    what: &'static str,
+    binary: PathBuf,
+    hint: &'static str,
+    /// What `prepare` accepted: the spec and the binary found for it.
+    prepared: Option<(SandboxSpec, PathBuf)>,
+    pub vmm: Child,
+}
+
+impl SingleVmm {
+    /// `what` names the binary in errors, `hint` says how to get it.
+    pub fn new(
+        backend: &'static str,
+        what: &'static str,
+        binary: PathBuf,
+        hint: &'static str,
+    ) -> Self {
+        SingleVmm {
+            backend,
+            what,
+            binary,
+            hint,
+            prepared: None,
+            vmm: Child::new(backend),
+        }
+    }
+
+    /// Checks the image and the binary, lays out the state directory.
+    pub fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
+        checked_vm(self.backend, spec)?;
+        let binary = find_binary(self.what, &self.binary, self.hint)?;
+        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
+        self.prepared = Some((spec.clone(), binary));
+        Ok(())
+    }
+
+    /// Starts the VMM with the command line `argv` builds (program first),
+    /// logging to `vmm.log`.
+    pub fn start(
+        &self,
+        argv: fn(&Path, &SandboxSpec, &VmSpec) -> Vec<OsString>,
+    ) -> Result<(), Error> {
+        let (spec, binary) = self
+            .prepared
+            .as_ref()
+            .ok_or(Error::NotPrepared(self.backend, "start"))?;
+        let vm = spec
+            .vm
+            .as_ref()
+            .ok_or(Error::NotPrepared(self.backend, "start"))?;
+        self.vmm.spawn(
+            &spec.id,
+            &argv(binary, spec, vm),
+            &spec.state_dir.join("vmm.log"),
+        )
+    }
+
+    pub fn spec(&self) -> Option<&SandboxSpec> {
+        self.prepared.as_ref().map(|(spec, _)| spec)
+    }
+
+    pub fn agent_address(&self) -> Option<String> {
+        let spec = self.spec()?;
+        Some(format!(
+            "hvsock://{}:{AGENT_PORT}",
+            vsock_socket(&spec.state_dir).display()
+        ))
+    }
+}

@@ -19,39 +19,28 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, Child};
+use super::child::{kernel_cmdline, remove_state_dir, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = "cloud-hypervisor";
 /// The guest's context id; any value above 2 works, Kata uses 3 as well.
 const GUEST_CID: u32 = 3;
-/// The vsock port the agent listens on.
-const AGENT_PORT: u32 = 1024;
 /// The longest one API call may take when the grace period is longer.
 const API_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A Cloud Hypervisor VMM process running one sandbox's guest.
-pub struct CloudHypervisor {
-    binary: PathBuf,
-    /// What `prepare` accepted: the spec and the binary found for it.
-    prepared: Option<(SandboxSpec, PathBuf)>,
-    vmm: Child,
-}
+pub struct CloudHypervisor(SingleVmm);
 
 impl CloudHypervisor {
     /// A backend that runs `binary`: a path, or a name looked up on `PATH`.
     pub fn new(binary: PathBuf) -> Self {
-        CloudHypervisor {
+        CloudHypervisor(SingleVmm::new(
+            NAME,
+            "the cloud-hypervisor binary",
             binary,
-            prepared: None,
-            vmm: Child::new(NAME),
-        }
+            "is not installed (no executable file there or on PATH)",
+        ))
     }
-}
-
-/// The hybrid vsock socket: the host's side of the guest's vsock device.
-fn vsock_socket(state_dir: &Path) -> PathBuf {
-    state_dir.join("vsock.sock")
 }
 
 /// Cloud Hypervisor's REST API socket.
@@ -129,51 +118,32 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
-        checked_vm(NAME, spec)?;
-        let binary = find_binary(
-            "the cloud-hypervisor binary",
-            &self.binary,
-            "is not installed (no executable file there or on PATH)",
-        )?;
-        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
-        self.prepared = Some((spec.clone(), binary));
-        Ok(())
+        self.0.prepare(spec)
     }
 
     async fn start(&mut self) -> Result<(), Error> {
-        let (spec, binary) = self
-            .prepared
-            .as_ref()
-            .ok_or(Error::NotPrepared(NAME, "start"))?;
-        let vm = spec.vm.as_ref().ok_or(Error::NotPrepared(NAME, "start"))?;
-        let argv = command_line(binary, spec, vm);
-        self.vmm
-            .spawn(&spec.id, &argv, &spec.state_dir.join("vmm.log"))
+        self.0.start(command_line)
     }
 
     fn agent_address(&self) -> Option<String> {
-        let (spec, _) = self.prepared.as_ref()?;
-        Some(format!(
-            "hvsock://{}:{AGENT_PORT}",
-            vsock_socket(&spec.state_dir).display()
-        ))
+        self.0.agent_address()
     }
 
     fn pid(&self) -> Option<u32> {
-        self.vmm.pid()
+        self.0.vmm.pid()
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
-        self.vmm.exit_watch()
+        self.0.vmm.exit_watch()
     }
 
     async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error> {
-        let Some((spec, _)) = &self.prepared else {
+        let Some(spec) = self.0.spec() else {
             return Ok(None);
         };
         let deadline = Instant::now() + grace;
         let mut asked = false;
-        if self.vmm.pid().is_some() && !self.vmm.has_exited() {
+        if self.0.vmm.pid().is_some() && !self.0.vmm.has_exited() {
             let api = api_socket(&spec.state_dir);
             let call_deadline = deadline.min(Instant::now() + API_TIMEOUT);
             asked = true;
@@ -191,7 +161,7 @@ impl Hypervisor for CloudHypervisor {
         // A VMM that accepted vmm.shutdown is on its way out; signal only
         // one whose API did not answer.
         let polite = (!asked).then_some(Signal::SIGTERM);
-        let exit = self.vmm.stop(polite, deadline).await;
+        let exit = self.0.vmm.stop(polite, deadline).await;
         remove_state_dir(&spec.state_dir)?;
         Ok(exit)
     }

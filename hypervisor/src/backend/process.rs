@@ -3,27 +3,25 @@
 //! they share the host kernel, so this backend is for development and for
 //! testing the runtime without a hypervisor; it says so in the log.
 
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use tokio::process::Command;
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::{wait_exit, Error, GuestExit, Hypervisor, SandboxSpec};
+use super::child::{io_err, remove_state_dir, Child};
+use crate::{Error, GuestExit, Hypervisor, SandboxSpec};
 
 const NAME: &str = "process";
 
 /// The agent as a host process.
 pub struct Process {
     spec: Option<SandboxSpec>,
-    pid: Mutex<Option<u32>>,
-    exit_tx: watch::Sender<Option<GuestExit>>,
+    agent: Child,
 }
 
 impl Default for Process {
@@ -36,31 +34,13 @@ impl Process {
     pub fn new() -> Self {
         Process {
             spec: None,
-            pid: Mutex::new(None),
-            exit_tx: watch::channel(None).0,
+            agent: Child::new("agent process"),
         }
     }
 
     fn socket_path(state_dir: &Path) -> PathBuf {
         state_dir.join("agent.sock")
     }
-
-    fn signal(&self, signal: Signal) {
-        // Only while the exit is unseen: after it, the pid may be reused.
-        if self.exit_tx.borrow().is_some() {
-            return;
-        }
-        if let Some(pid) = *self.pid.lock().unwrap_or_else(|e| e.into_inner()) {
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = kill(Pid::from_raw(pid), signal);
-            }
-        }
-    }
-}
-
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.to_path_buf();
-    move |source| Error::Io { what, path, source }
 }
 
 #[async_trait]
@@ -87,60 +67,23 @@ impl Hypervisor for Process {
             .spec
             .as_ref()
             .ok_or(Error::NotPrepared(NAME, "start"))?;
-        if self.pid().is_some() {
-            return Err(Error::AlreadyStarted(NAME, "start"));
-        }
-        let log_path = spec.state_dir.join("agent.log");
-        let log = std::fs::File::create(&log_path).map_err(io_err("creating", &log_path))?;
-        let log_err = log.try_clone().map_err(io_err("duplicating", &log_path))?;
         tracing::warn!(
             sandbox_id = %spec.id,
             agent = %spec.agent_path.display(),
             "process backend: the agent runs on the host, no VM isolation"
         );
-        let mut child = Command::new(&spec.agent_path)
-            .arg("--listen")
-            .arg(format!(
-                "unix://{}",
-                Self::socket_path(&spec.state_dir).display()
-            ))
-            .arg("--shared-dir")
-            .arg(spec.state_dir.join("shared"))
-            .arg("--log-level")
-            .arg(&spec.agent_log_level)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            // Its own process group: a Ctrl-C meant for whoever started the
-            // runtime must not take the sandbox down behind its back.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                what: format!("the agent {}", spec.agent_path.display()),
-                source,
-            })?;
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
-        let exit_tx = self.exit_tx.clone();
-        let sandbox_id = spec.id.clone();
-        tokio::spawn(async move {
-            let exit = match child.wait().await {
-                Ok(status) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (status.code(), status.signal()) {
-                        (Some(code), _) => GuestExit::Exited(code),
-                        (None, Some(signal)) => GuestExit::Signaled(signal),
-                        (None, None) => GuestExit::Exited(255),
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(sandbox_id, error = %e, "waiting for the agent process");
-                    GuestExit::Exited(255)
-                }
-            };
-            tracing::info!(sandbox_id, %exit, "agent process ended");
-            exit_tx.send_replace(Some(exit));
-        });
-        Ok(())
+        let listen = format!("unix://{}", Self::socket_path(&spec.state_dir).display());
+        let argv: Vec<OsString> = vec![
+            spec.agent_path.clone().into(),
+            "--listen".into(),
+            listen.into(),
+            "--shared-dir".into(),
+            spec.state_dir.join("shared").into(),
+            "--log-level".into(),
+            spec.agent_log_level.clone().into(),
+        ];
+        self.agent
+            .spawn(&spec.id, &argv, &spec.state_dir.join("agent.log"))
     }
 
     fn agent_address(&self) -> Option<String> {
@@ -152,35 +95,22 @@ impl Hypervisor for Process {
     }
 
     fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+        self.agent.pid()
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<GuestExit>> {
-        self.exit_tx.subscribe()
+        self.agent.exit_watch()
     }
 
     async fn stop(&self, grace: Duration) -> Result<Option<GuestExit>, Error> {
         let Some(spec) = &self.spec else {
             return Ok(None);
         };
-        let mut exit = None;
-        if self.pid().is_some() {
-            self.signal(Signal::SIGTERM);
-            let watch = self.exit_watch();
-            exit = match tokio::time::timeout(grace, wait_exit(watch.clone())).await {
-                Ok(exit) => exit,
-                Err(_) => {
-                    tracing::warn!(sandbox_id = %spec.id, ?grace, "agent ignored SIGTERM; killing it");
-                    self.signal(Signal::SIGKILL);
-                    wait_exit(watch).await
-                }
-            };
-        }
-        match std::fs::remove_dir_all(&spec.state_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("removing", &spec.state_dir)(e)),
-        }
+        let exit = self
+            .agent
+            .stop(Some(Signal::SIGTERM), Instant::now() + grace)
+            .await;
+        remove_state_dir(&spec.state_dir)?;
         Ok(exit)
     }
 }
@@ -188,6 +118,7 @@ impl Hypervisor for Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wait_exit;
 
     fn spec(dir: &Path, agent: &Path) -> SandboxSpec {
         SandboxSpec {

@@ -18,13 +18,14 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, Child};
+use super::child::{
+    checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, vsock_socket, Child,
+    AGENT_PORT,
+};
 use super::select::{kvm_support, qemu_accel};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = "qemu";
-/// The vsock port the agent listens on.
-const AGENT_PORT: u32 = 1024;
 /// How long the vhost-user backend may take to create its socket.
 const BACKEND_READY: Duration = Duration::from_secs(5);
 /// How long the vhost-user backend gets to leave after QEMU is gone.
@@ -68,10 +69,6 @@ impl Qemu {
             backend: Child::new("vhost-user vsock backend"),
         }
     }
-}
-
-fn vsock_socket(state_dir: &Path) -> PathBuf {
-    state_dir.join("vsock.sock")
 }
 
 fn vhost_user_socket(state_dir: &Path) -> PathBuf {
