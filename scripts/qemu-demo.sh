@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Boots the guest image (`kestrel image build`) under QEMU with TCG, with
-# rust-vmm's vhost-device-vsock giving the host a hybrid vsock socket, and
-# asks the agent inside whether it serves. Run as root after setup.sh.
+# our own vsock device (`kestrel-vmm vhost-user-vsock`) giving the host a
+# hybrid vsock socket, and asks the agent inside whether it serves. Run as
+# root after setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 image=$(./target/debug/kestrel image build --json)
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$image" "$1"; }
 dir=$(mktemp -d)
-vhost-device-vsock --guest-cid=3 --socket="$dir/vhost.sock" --uds-path="$dir/vm.vsock" 2>/dev/null &
+./target/debug/kestrel-vmm vhost-user-vsock --socket "$dir/vhost.sock" --uds "$dir/vm.vsock" 2>/dev/null &
 backend=$!
 qemu=
 stop() {

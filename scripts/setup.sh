@@ -19,7 +19,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 cargo build --workspace --locked
-# The vhost-user vsock backend QEMU uses until Kestrel's own arrives.
+# rust-vmm's vhost-user vsock backend: only the vsock benchmark uses it, to
+# compare with ours.
 command -v vhost-device-vsock >/dev/null || cargo install --locked -q vhost-device-vsock
 # The agent runs as the guest's /init: it must be one static binary.
 RUSTFLAGS="-C target-feature=+crt-static" \

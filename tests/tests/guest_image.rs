@@ -1,8 +1,8 @@
 //! The guest image end to end: `kestrel image build` makes our kernel and an
 //! initramfs with the static agent as /init; the image is reproducible and
 //! cached; QEMU (TCG) boots it and the agent answers Health.Check over a
-//! hybrid vsock socket (rust-vmm's vhost-device-vsock as the backend until
-//! our own arrives).
+//! hybrid vsock socket served by our own vhost-user backend
+//! (`kestrel-vmm vhost-user-vsock`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -198,11 +198,9 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
     if !can_build("qemu_tcg_boots_the_image_to_a_serving_agent") {
         return;
     }
-    for t in ["qemu-system-x86_64", "vhost-device-vsock"] {
-        if !tool(t) {
-            eprintln!("SKIP qemu_tcg_boots_the_image_to_a_serving_agent: needs {t} (apt-get install qemu-system-x86; cargo install vhost-device-vsock)");
-            return;
-        }
+    if !tool("qemu-system-x86_64") {
+        eprintln!("SKIP qemu_tcg_boots_the_image_to_a_serving_agent: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        return;
     }
     let (bzimage, initrd) = (output("bzimage"), output("initrd"));
     let dir = tempfile::tempdir().unwrap();
@@ -212,20 +210,21 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
         dir.path().join("console.log"),
     );
     let _backend = Reaped(
-        Command::new("vhost-device-vsock")
-            .arg("--guest-cid=3")
-            .arg(format!("--socket={}", vhost_socket.display()))
-            .arg(format!("--uds-path={}", hybrid.display()))
+        Command::new(binary("kestrel-vmm"))
+            .args(["vhost-user-vsock", "--socket"])
+            .arg(&vhost_socket)
+            .arg("--uds")
+            .arg(&hybrid)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("starting vhost-device-vsock"),
+            .expect("starting kestrel-vmm vhost-user-vsock"),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !vhost_socket.exists() {
         assert!(
             Instant::now() < deadline,
-            "vhost-device-vsock did not create its socket"
+            "kestrel-vmm vhost-user-vsock did not create its socket"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
