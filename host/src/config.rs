@@ -96,7 +96,7 @@ pub struct VmConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
-            hypervisor: "process".into(),
+            hypervisor: select::AUTO.into(),
             agent_path: "/usr/local/bin/kestrel-agent".into(),
             state_dir: "/run/kestrel/sandboxes".into(),
             agent_log_level: "info".into(),

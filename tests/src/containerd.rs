@@ -32,9 +32,9 @@ pub struct Containerd {
 
 impl Containerd {
     /// Starts containerd and waits until it answers; Kestrel runs process
-    /// sandboxes.
+    /// sandboxes (the agent on the host).
     pub fn start() -> Containerd {
-        Containerd::start_configured("", "")
+        Containerd::start_configured("hypervisor = \"process\"", "")
     }
 
     /// Starts containerd with `sandbox_keys` added to Kestrel's `[sandbox]`

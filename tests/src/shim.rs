@@ -69,6 +69,7 @@ pub fn bundle_with(
 /// A process-backend configuration whose sandboxes live under `dir`.
 pub fn config(dir: &Path) -> Config {
     let mut config = Config::default();
+    config.sandbox.hypervisor = "process".into();
     config.sandbox.agent_path = binary("kestrel-agent");
     config.sandbox.state_dir = dir.join("sandboxes");
     config.sandbox.agent_log_level =
