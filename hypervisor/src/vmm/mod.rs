@@ -97,11 +97,11 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Boot(#[from] BootError),
     #[error("kernel command line: {0}")]
     Cmdline(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Vsock(#[from] crate::vsock::Error),
     #[error("wiring the devices: {0}")]
     Devices(String),
@@ -139,6 +139,17 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(config: &VmConfig) -> Result<Vm, VmmError> {
+        // Everything that depends only on the input first: a wrong path or
+        // size is reported the same way with or without KVM.
+        let mem = boot::guest_memory(config.memory_mib)?;
+        let image = load_images(&mem, config)?;
+        let initrd = initrd_of(&mem, config, &image)?;
+        if let Some(uds) = &config.vsock_uds {
+            if uds.symlink_metadata().is_ok() {
+                return Err(crate::vsock::Error::SocketExists(uds.clone()).into());
+            }
+        }
+
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
@@ -150,11 +161,8 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-
-        let mem = boot::guest_memory(config.memory_mib)?;
         register_memory(&vm, &mem)?;
 
-        let image = load_images(&mem, config)?;
         let exit = Arc::new(ExitSlot::new().map_err(io_err("creating the exit event"))?);
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
@@ -185,13 +193,7 @@ impl Vm {
             }
         }
 
-        boot::configure_system(
-            &mem,
-            &image,
-            &cmdline,
-            initrd_of(&mem, config, &image)?.as_ref(),
-            config.vcpus,
-        )?;
+        boot::configure_system(&mem, &image, &cmdline, initrd.as_ref(), config.vcpus)?;
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for id in 0..config.vcpus {
             let vcpu = vm
