@@ -68,6 +68,8 @@ pub struct Muxer {
     /// Replies (RSTs) to packets that match no connection.
     stray_replies: VecDeque<Header>,
     next_local_port: u32,
+    /// `process`'s event buffer, kept between wakeups.
+    events: Vec<EpollEvent>,
 }
 
 impl Muxer {
@@ -103,6 +105,7 @@ impl Muxer {
             queued: HashSet::new(),
             stray_replies: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            events: vec![EpollEvent::default(); 64],
         })
     }
 
@@ -122,14 +125,14 @@ impl Muxer {
 
     /// Handles every host-side event that is ready, without blocking.
     pub fn process(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
+        let mut events = std::mem::take(&mut self.events);
         loop {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "waiting on vsock host sockets");
-                    return;
+                    break;
                 }
             };
             for event in &events[..n] {
@@ -139,6 +142,7 @@ impl Muxer {
                 break;
             }
         }
+        self.events = events;
     }
 
     fn dispatch(&mut self, fd: RawFd, set: EventSet) {
