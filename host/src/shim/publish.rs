@@ -162,6 +162,11 @@ pub async fn forward(
 }
 
 async fn send(address: &str, namespace: &str, client: &mut Option<EventsClient>, event: &Event) {
+    if address.is_empty() {
+        // Started without containerd (`kestrel run`): nobody to tell, and
+        // the CLI follows containers through State instead.
+        return;
+    }
     let Some(req) = envelope(namespace, event) else {
         tracing::error!(topic = event.topic(), "encoding an event failed");
         return;
