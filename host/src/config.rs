@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub const DEFAULT_PATH: &str = "/etc/kestrel/config.toml";
 /// The environment variable that overrides [`DEFAULT_PATH`].
 pub const PATH_ENV: &str = "KESTREL_CONFIG";
+/// The environment variable that, when set and non-empty, overrides
+/// `[sandbox] hypervisor` (`kestrel run --hypervisor` sets it for its shim).
+pub const HYPERVISOR_ENV: &str = "KESTREL_HYPERVISOR";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -166,11 +169,24 @@ impl Config {
     /// Reads the configuration from `$KESTREL_CONFIG`, else from
     /// [`DEFAULT_PATH`] when it exists, else returns the defaults. A file
     /// named by the variable must exist.
+    /// [`HYPERVISOR_ENV`], when set, replaces `[sandbox] hypervisor`.
     pub fn load() -> Result<Config, ConfigError> {
-        match Config::source() {
-            Some(path) => Config::from_file(&path),
-            None => Ok(Config::default()),
+        let config = match Config::source() {
+            Some(path) => Config::from_file(&path)?,
+            None => Config::default(),
+        };
+        match std::env::var(HYPERVISOR_ENV) {
+            Ok(hypervisor) if !hypervisor.is_empty() => config.with_hypervisor(&hypervisor),
+            _ => Ok(config),
         }
+    }
+
+    /// This configuration with `[sandbox] hypervisor` set to `hypervisor`,
+    /// validated like the file's value.
+    pub fn with_hypervisor(mut self, hypervisor: &str) -> Result<Config, ConfigError> {
+        self.sandbox.hypervisor = hypervisor.to_string();
+        self.validate(Path::new(HYPERVISOR_ENV))?;
+        Ok(self)
     }
 
     /// The file [`Config::load`] reads, or `None` when it uses the defaults.

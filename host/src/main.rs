@@ -26,6 +26,12 @@ fn main() -> ExitCode {
             cli::Command::Agent(cmd) => cli::agent::run(cmd).await,
             cli::Command::Image(cmd) => cli::image::run(cmd),
             cli::Command::Doctor(args) => cli::doctor::run(args),
+            cli::Command::Run(args) => cli::run::run(args).await,
+            cli::Command::Ps(args) => cli::ps::run(args).await,
+            cli::Command::Exec(args) => cli::exec::run(args).await,
+            cli::Command::Kill(args) => cli::kill::run(args).await,
+            cli::Command::Rm(args) => cli::rm::run(args).await,
+            cli::Command::Events(args) => cli::events::run(args).await,
         }
     });
     result.unwrap_or_else(|e| {

@@ -1,0 +1,51 @@
+//! `kestrel exec`: another process in a running container.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::bundle;
+use super::containers::Container;
+use super::run::{exit_code, wait_forwarding};
+use super::shim::Shim;
+use super::stdio::Fifos;
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Keep stdin open and copy ours to the process.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the process a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// The container's id.
+    pub id: String,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub async fn run(args: ExecArgs) -> Result<ExitCode> {
+    let container = Container::open(&args.id)?;
+    let shim = Shim::open(&container).await?;
+    let exec_id = format!("exec-{}", std::process::id());
+    let fifos = Fifos::make(&container.dir, &exec_id, args.interactive, args.tty)?;
+    let result = exec(&shim, &exec_id, &fifos, &args).await;
+    fifos.remove();
+    let _ = shim.delete(&exec_id).await;
+    result
+}
+
+async fn exec(shim: &Shim, exec_id: &str, fifos: &Fifos, args: &ExecArgs) -> Result<ExitCode> {
+    let outputs = fifos.copy_outputs()?;
+    let process = bundle::exec_process(&args.command, args.tty);
+    shim.exec(exec_id, &process, &fifos.paths).await?;
+    fifos.copy_stdin();
+    shim.start(exec_id).await?;
+    let raw = args.tty.then(super::terminal::RawMode::enter).flatten();
+    let status = wait_forwarding(shim, exec_id).await?;
+    drop(raw);
+    outputs.drain().await;
+    Ok(exit_code(status))
+}

@@ -1,0 +1,191 @@
+//! `kestrel run`: a container from a rootfs directory, through the Kestrel
+//! shim started as containerd would start it, with our stdio attached.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::bundle;
+use super::containers::Container;
+use super::shim::{self, Shim};
+use super::stdio::Fifos;
+use kestrel_host::config::Config;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The backend to run the sandbox with (process, qemu, builtin,
+    /// cloud-hypervisor, auto); default: the config's `[sandbox] hypervisor`.
+    #[arg(long)]
+    pub hypervisor: Option<String>,
+    /// Delete the container and stop its shim when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Print the id and return once the container started.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Keep stdin open and copy ours to the container.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// The container's root filesystem: a directory.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// The container's id.
+    pub id: String,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    if args.detach && args.rm {
+        bail!("--rm and -d cannot be combined: nothing would be left to wait for the exit");
+    }
+    if !args.rootfs.is_dir() {
+        bail!("rootfs {}: not a directory", args.rootfs.display());
+    }
+    let rootfs = std::fs::canonicalize(&args.rootfs)
+        .with_context(|| format!("rootfs {}", args.rootfs.display()))?;
+    // The shim reads the same configuration: say what is wrong with it here,
+    // where the user sees it, rather than in the shim's log.
+    let config = Config::load()?;
+    if let Some(hypervisor) = &args.hypervisor {
+        config.with_hypervisor(hypervisor)?;
+    }
+    let container = Container::create(&args.id)?;
+    let result = start_and_wait(&args, &container, &rootfs).await;
+    if result.is_err() {
+        // Nothing the user could attach to again: take it all down.
+        if let Ok(shim) = Shim::open(&container).await {
+            let _ = shim.delete("").await;
+            let _ = shim.shutdown().await;
+        }
+        let _ = container.remove();
+    }
+    result
+}
+
+async fn start_and_wait(
+    args: &RunArgs,
+    container: &Container,
+    rootfs: &std::path::Path,
+) -> Result<ExitCode> {
+    let spec = bundle::spec(&container.id, rootfs, &args.command, args.tty);
+    bundle::write(&container.dir, &spec).context("writing the bundle")?;
+
+    let spinner = Spinner::start("starting the shim");
+    let address = {
+        let container = container.clone();
+        let hypervisor = args.hypervisor.clone();
+        tokio::task::spawn_blocking(move || shim::start(&container, hypervisor.as_deref()))
+            .await??
+    };
+    let shim = Shim::connect(&container.id, &address).await?;
+
+    let fifos = if args.detach {
+        None
+    } else {
+        Some(Fifos::make(
+            &container.dir,
+            "init",
+            args.interactive,
+            args.tty,
+        )?)
+    };
+    let outputs = match &fifos {
+        Some(fifos) => Some(fifos.copy_outputs()?),
+        None => None,
+    };
+    spinner.set_message("booting the sandbox");
+    let stdio = fifos.as_ref().map(|f| f.paths.clone()).unwrap_or_default();
+    shim.create(&container.dir, &stdio).await?;
+    if let Some(fifos) = &fifos {
+        fifos.copy_stdin();
+    }
+    shim.start("").await?;
+    spinner.finish();
+    if args.detach {
+        println!("{}", container.id);
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let _raw = args.tty.then(super::terminal::RawMode::enter).flatten();
+    let status = wait_forwarding_signals(&shim).await?;
+    drop(_raw);
+    if let Some(outputs) = outputs {
+        outputs.drain().await;
+    }
+    if let Some(fifos) = &fifos {
+        fifos.remove();
+    }
+    if args.rm {
+        shim.delete("").await?;
+        shim.shutdown().await?;
+        container.remove()?;
+    }
+    Ok(exit_code(status))
+}
+
+/// Waits for the init process; SIGINT and SIGTERM to us become SIGTERM to it.
+pub async fn wait_forwarding_signals(shim: &Shim) -> Result<u32> {
+    wait_forwarding(shim, "").await
+}
+
+/// [`wait_forwarding_signals`] for any process of the container.
+pub async fn wait_forwarding(shim: &Shim, exec_id: &str) -> Result<u32> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let wait = shim.wait(exec_id);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            status = &mut wait => return Ok(status?),
+            _ = interrupt.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
+            _ = terminate.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
+        }
+    }
+}
+
+/// Our exit status for a process's: the same, where it fits.
+pub fn exit_code(status: u32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX))
+}
+
+/// A spinner on stderr while the sandbox starts, only where stderr is a terminal.
+struct Spinner(Option<indicatif::ProgressBar>);
+
+impl Spinner {
+    fn start(message: &'static str) -> Spinner {
+        if !std::io::stderr().is_terminal() {
+            return Spinner(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(message);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Spinner(Some(bar))
+    }
+
+    fn set_message(&self, message: &'static str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(message);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,399 @@
+//! `kestrel run`, `ps`, `exec`, `kill`, `rm` and `events` end to end: the CLI
+//! starts the real shim binary, which runs process sandboxes (the agent on
+//! the host), or QEMU VMs from the guest image where the machine has them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kestrel_tests::{binary, busybox_rootfs, guest_image, require};
+
+/// A private CLI state root, sandbox state dir and configuration.
+struct Cli {
+    dir: tempfile::TempDir,
+    rootfs: PathBuf,
+}
+
+impl Cli {
+    fn new(extra_config: &str) -> Cli {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rootfs = busybox_rootfs(dir.path());
+        let config = format!(
+            "[sandbox]\nagent_path = \"{}\"\nstate_dir = \"{}\"\nstop_grace_ms = 2000\n{extra_config}\n",
+            binary("kestrel-agent").display(),
+            dir.path().join("sandboxes").display(),
+        );
+        std::fs::write(dir.path().join("kestrel.toml"), config).expect("config");
+        Cli { dir, rootfs }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("cli")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("kestrel"));
+        command
+            .args(args)
+            .env("KESTREL_CONFIG", self.dir.path().join("kestrel.toml"))
+            .env("KESTREL_CLI_ROOT", self.root())
+            .env_remove("KESTREL_HYPERVISOR")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running kestrel")
+    }
+
+    /// `kestrel run --hypervisor process --rootfs <busybox> <flags> <id> -- <cmd>`.
+    fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        let rootfs = self.rootfs.to_str().unwrap();
+        let mut args = vec!["run", "--hypervisor", "process", "--rootfs", rootfs];
+        args.extend_from_slice(flags);
+        args.push(id);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        self.output(&args)
+    }
+
+    fn ps_row(&self, id: &str) -> serde_json::Value {
+        let out = self.output(&["ps", "--json"]);
+        assert!(out.status.success(), "ps: {}", text(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+        rows.into_iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in ps: {}", text(&out.stdout)))
+    }
+
+    /// Processes whose command line names this test's directory (the shim
+    /// names its bundle's socket, the agent its sandbox dir).
+    fn leftover_processes(&self) -> Vec<String> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let ours = cmdline.contains("containerd-shim-kestrel-v2")
+                || cmdline.contains("kestrel-agent")
+                || cmdline.contains("qemu-system");
+            if ours && cmdline.contains(&needle) {
+                found.push(cmdline);
+            }
+        }
+        found
+    }
+
+    fn assert_no_processes_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = self.leftover_processes();
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still running: {left:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn root_entries(&self) -> Vec<String> {
+        std::fs::read_dir(self.root())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_rm_prints_the_output_exits_with_the_status_and_leaves_nothing() {
+    let test = "run_rm_prints_the_output_exits_with_the_status_and_leaves_nothing";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(
+        &["--rm"],
+        "t1",
+        &["sh", "-c", "echo hi; echo oops >&2; exit 3"],
+    );
+    assert_eq!(text(&out.stdout), "hi\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn detached_container_is_listed_exec_killed_and_removed() {
+    let test = "detached_container_is_listed_exec_killed_and_removed";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "d1", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "d1\n");
+    let row = cli.ps_row("d1");
+    assert_eq!(row["status"], "RUNNING");
+    assert_eq!(row["image"], cli.rootfs.to_str().unwrap());
+
+    let out = cli.output(&["exec", "d1", "--", "sh", "-c", "echo from-exec; exit 5"]);
+    assert_eq!(text(&out.stdout), "from-exec\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5));
+
+    let out = cli.output(&["rm", "d1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is running (use -f)"));
+
+    let out = cli.output(&["kill", "d1", "KILL"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let row = cli.ps_row("d1");
+        if row["status"] == "STOPPED" || Instant::now() > deadline {
+            break row;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(row["status"], "STOPPED");
+    assert_eq!(row["exit"], 137);
+
+    let out = cli.output(&["rm", "d1"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    assert!(cli.root_entries().is_empty());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn rm_of_a_container_whose_shim_died_stops_its_sandbox() {
+    let test = "rm_of_a_container_whose_shim_died_stops_its_sandbox";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "orphan", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let shims: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("containerd-shim-kestrel-v2")
+                && cmdline.contains(&*cli.dir.path().to_string_lossy()))
+            .then_some(pid)
+        })
+        .collect();
+    assert_eq!(shims.len(), 1, "{:?}", cli.leftover_processes());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let row = cli.ps_row("orphan");
+    assert!(
+        row["status"].as_str().unwrap().starts_with("UNKNOWN"),
+        "{row}"
+    );
+    let out = cli.output(&["rm", "orphan"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+    assert!(cli.root_entries().is_empty());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn ids_rootfs_and_duplicates_are_checked_before_anything_starts() {
+    let test = "ids_rootfs_and_duplicates_are_checked_before_anything_starts";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&[], "../escape", &["true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid container id"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.output(&["run", "--rootfs", "/nonexistent", "x", "--", "true"]);
+    assert!(
+        text(&out.stderr).contains("not a directory"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.output(&["exec", "nope", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no such container: nope"));
+
+    let out = cli.run(&["-d"], "dup", &["sleep", "1000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli.run(&["-d"], "dup", &["sleep", "1000"]);
+    assert!(
+        text(&out.stderr).contains("already exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(cli.output(&["rm", "-f", "dup"]).status.success());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn interactive_stdin_reaches_the_container_and_ends_at_eof() {
+    let test = "interactive_stdin_reaches_the_container_and_ends_at_eof";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    let mut child = cli
+        .command(&[
+            "run",
+            "--hypervisor",
+            "process",
+            "--rm",
+            "-i",
+            "--rootfs",
+            &rootfs,
+            "i1",
+            "--",
+            "cat",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("kestrel run");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"line one\nline two\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "line one\nline two\n");
+    assert_eq!(out.status.code(), Some(0));
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn events_json_reports_a_container_starting_and_dying() {
+    let test = "events_json_reports_a_container_starting_and_dying";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    std::fs::create_dir_all(cli.root()).unwrap();
+    let mut events = cli
+        .command(&["events", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("kestrel events");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = cli.run(&[], "e1", &["sh", "-c", "sleep 0.5; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(cli.output(&["rm", "e1"]).status.success());
+
+    let mut lines = BufReader::new(events.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let line = lines.next().expect("an event line").expect("read");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(event["id"], "e1");
+        seen.push(event);
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(events.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let status = events.wait().unwrap();
+    assert!(status.success());
+    assert_eq!(seen[0]["event"], "started");
+    assert_eq!(
+        (&seen[1]["event"], &seen[1]["exit"]),
+        (&"died".into(), &4.into())
+    );
+    assert_eq!(seen[2]["event"], "removed");
+    cli.assert_no_processes_left();
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn run_in_a_qemu_vm_uses_the_guest_kernel() {
+    let test = "run_in_a_qemu_vm_uses_the_guest_kernel";
+    if !require(test) {
+        return;
+    }
+    if !on_path("qemu-system-x86_64") {
+        eprintln!("SKIP {test}: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        return;
+    }
+    let Some(image) = guest_image(test) else {
+        return;
+    };
+    let cli = Cli::new(&format!(
+        "[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        image.vmlinux.display(),
+        image.initrd.display()
+    ));
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    let qemu_run = |id: &str, cmd: &[&str]| -> (Output, Duration) {
+        let mut args = vec![
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--rm",
+            "--rootfs",
+            &rootfs,
+            id,
+            "--",
+        ];
+        args.extend_from_slice(cmd);
+        let started = Instant::now();
+        let mut child = cli
+            .command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kestrel run");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let to_first_line = started.elapsed();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        out.stdout = format!("{first}{rest}").into_bytes();
+        (out, to_first_line)
+    };
+
+    let (out, to_first_line) = qemu_run("q1", &["sh", "-c", "echo hi; exit 3"]);
+    eprintln!("{test}: exec of kestrel run to its first output line: {to_first_line:?}");
+    assert_eq!(text(&out.stdout), "hi\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3));
+
+    let (out, _) = qemu_run("q2", &["busybox", "uname", "-r"]);
+    let release = text(&out.stdout);
+    assert!(
+        release.starts_with("6.1."),
+        "guest release {release:?}: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
+    cli.assert_no_processes_left();
+}
