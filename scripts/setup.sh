@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Kestrel needs on a Debian machine, builds the
 # workspace, the static guest agent and the guest image (kernel +
-# initramfs), runs a busybox container through the agent in host mode and
-# boots the guest image under QEMU to a serving agent. Run as root.
+# initramfs), then boots a VM and runs a busybox container in it with
+# `kestrel run`. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +26,14 @@ command -v vhost-device-vsock >/dev/null || cargo install --locked -q vhost-devi
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --release --target x86_64-unknown-linux-gnu -p kestrel-agent
 
-cargo run --locked -q -p kestrel-tests --example host_mode_demo -- \
-    sh -c 'echo "hello from $(hostname), pid $$ in its own PID namespace"'
-
 ./target/debug/kestrel image build
-./scripts/qemu-demo.sh
+
+# The main job: boot a VM (the builtin VMM where KVM runs guests natively,
+# QEMU otherwise: `kestrel doctor` says which) and run a busybox container
+# in it.
+rootfs=$(mktemp -d)
+trap 'rm -rf "$rootfs"' EXIT
+mkdir -p "$rootfs/bin" && cp /bin/busybox "$rootfs/bin/" && ln -s busybox "$rootfs/bin/sh"
+./target/debug/kestrel run --rm --rootfs "$rootfs" demo -- \
+    sh -c 'echo "hello from a container in a VM: kernel $(busybox uname -r), hostname $(busybox hostname)"'
+
