@@ -333,8 +333,8 @@ fn on_path(program: &str) -> bool {
 }
 
 #[test]
-fn run_in_a_qemu_vm_uses_the_guest_kernel() {
-    let test = "run_in_a_qemu_vm_uses_the_guest_kernel";
+fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
+    let test = "run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel";
     if !require(test) {
         return;
     }
@@ -394,6 +394,53 @@ fn run_in_a_qemu_vm_uses_the_guest_kernel() {
         text(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(0));
+
+    // A detached container in a VM: exec, stdin, kill, rm.
+    let out = cli.output(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "-d",
+        "--rootfs",
+        &rootfs,
+        "q3",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let out = cli.output(&["exec", "q3", "--", "sh", "-c", "busybox uname -r; exit 5"]);
+    assert!(
+        text(&out.stdout).starts_with("6.1."),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(5));
+    let mut cat = cli
+        .command(&["exec", "-i", "q3", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("kestrel exec -i");
+    std::io::Write::write_all(&mut cat.stdin.take().unwrap(), b"through the vm\n").unwrap();
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "through the vm\n");
+    assert_eq!(out.status.code(), Some(0));
+    let out = cli.output(&["kill", "q3", "KILL"]);
+    assert!(out.status.success(), "kill: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cli.ps_row("q3")["status"] != "STOPPED" {
+        assert!(
+            Instant::now() < deadline,
+            "q3 not STOPPED: {}",
+            cli.ps_row("q3")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cli.ps_row("q3")["exit"], 137);
+    let out = cli.output(&["rm", "q3"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+
     assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
     cli.assert_no_processes_left();
 }
