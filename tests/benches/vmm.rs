@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
 use kestrel_hypervisor::vmm::vcpu::T0_ENV;
+use kestrel_tests::spinning_kernel;
 use nix::sys::signal::{kill, Signal};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::Pid;
@@ -53,42 +54,6 @@ fn release_vmm() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let path = exe.parent()?.parent()?.join("kestrel-vmm");
     path.exists().then_some(path)
-}
-
-/// A do-nothing x86_64 kernel: a vmlinux-shaped ELF64 whose one segment,
-/// loaded and entered at 16 MiB, is `jmp .`.
-fn spinning_kernel(dir: &Path) -> PathBuf {
-    const PADDR: u64 = 0x100_0000;
-    const EHDR_SIZE: u16 = 64;
-    const PHDR_SIZE: u16 = 56;
-    const CODE: [u8; 2] = [0xeb, 0xfe];
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF");
-    // 64-bit, little-endian, ELF version 1, System V ABI, padding.
-    elf.extend_from_slice(&[2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&PADDR.to_le_bytes()); // entry
-    elf.extend_from_slice(&u64::from(EHDR_SIZE).to_le_bytes()); // phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
-    elf.extend_from_slice(&EHDR_SIZE.to_le_bytes());
-    elf.extend_from_slice(&PHDR_SIZE.to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    elf.extend_from_slice(&[0; 6]); // no section headers
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&u64::from(EHDR_SIZE + PHDR_SIZE).to_le_bytes()); // offset
-    elf.extend_from_slice(&PADDR.to_le_bytes()); // vaddr
-    elf.extend_from_slice(&PADDR.to_le_bytes()); // paddr
-    elf.extend_from_slice(&(CODE.len() as u64).to_le_bytes()); // filesz
-    elf.extend_from_slice(&(CODE.len() as u64).to_le_bytes()); // memsz
-    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // align
-    elf.extend_from_slice(&CODE);
-    let path = dir.join("spin.elf");
-    std::fs::write(&path, elf).expect("writing the spinning kernel");
-    path
 }
 
 fn monotonic_ns() -> u128 {

@@ -120,6 +120,24 @@ impl Containerd {
         cmd
     }
 
+    /// The kata-containers issue 12336 scenario on running containers
+    /// `ids`: under 150 background loops of `ctr task ls`, each is SIGKILLed
+    /// and deleted; containerd must never have logged "failed to find
+    /// container" or "get state for", and nothing may be left.
+    pub fn force_delete_under_task_ls_load(&self, ids: &[String]) {
+        let load = self.task_ls_load(150);
+        std::thread::sleep(Duration::from_secs(2));
+        for id in ids {
+            self.kill_and_delete(id);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        drop(load);
+        let log = self.log_text();
+        assert!(!log.contains("failed to find container"), "{log}");
+        assert!(!log.contains("get state for"), "{log}");
+        self.assert_nothing_left();
+    }
+
     /// Starts `loops` shell loops running `ctr task ls` back to back, as in
     /// kata-containers issue 12336; they stop when the value is dropped.
     pub fn task_ls_load(&self, loops: usize) -> TaskLsLoad {
