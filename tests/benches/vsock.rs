@@ -30,7 +30,7 @@ use kestrel_protocols::agent::CopyFileRequest;
 use kestrel_protocols::health::{health_check_response::ServingStatus, CheckRequest};
 use kestrel_protocols::health_ttrpc::HealthClient;
 use kestrel_protocols::ttrpc::context;
-use kestrel_tests::{busybox_rootfs, create_request, percentile, spec, BUSYBOX};
+use kestrel_tests::{busybox_rootfs, create_request, percentile, pseudo_random, spec, BUSYBOX};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -594,19 +594,6 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
-/// Pseudo-random bytes: nothing on the way can shortcut zeros.
-fn chunk_data() -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn main() {
     if on_path("qemu-system-x86_64").is_none() {
         println!("SKIP vsock bench: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
@@ -628,7 +615,7 @@ fn main() {
         None
     };
     let mut output_skipped: Option<String> = None;
-    let chunk = chunk_data();
+    let chunk = pseudo_random(CHUNK);
     let rounds = rounds();
     let mut results: Vec<Results> = backends.iter().map(|_| Results::default()).collect();
 

@@ -198,6 +198,13 @@ impl Containerd {
         );
     }
 
+    /// `ctr task exec --exec-id EXEC_ID ID ARGS...`, in the foreground.
+    pub fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> Output {
+        let mut argv = vec!["task", "exec", "--exec-id", exec_id, id];
+        argv.extend_from_slice(args);
+        self.ctr(&argv)
+    }
+
     /// SIGKILLs a task, then deletes it and its container.
     pub fn kill_and_delete(&self, id: &str) {
         let kill = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);

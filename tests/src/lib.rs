@@ -464,3 +464,17 @@ pub fn spinning_kernel(dir: &Path) -> PathBuf {
     std::fs::write(&path, elf).expect("writing the spinning kernel");
     path
 }
+
+/// Deterministic pseudo-random bytes (xorshift): a misplaced chunk shows,
+/// and nothing on the way can shortcut them as it could zeros.
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

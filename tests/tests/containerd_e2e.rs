@@ -67,16 +67,7 @@ fn ctr_runs_a_busybox_container_with_output_exit_code_exec_kill_and_delete() {
             .any(|l| l.starts_with("svc") && l.contains("RUNNING")),
         "{ls}"
     );
-    let exec = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        "svc",
-        "sh",
-        "-c",
-        "echo in exec; exit 5",
-    ]);
+    let exec = c.exec("svc", "e1", &["sh", "-c", "echo in exec; exit 5"]);
     assert_eq!(
         (text(&exec.stdout).as_str(), exec.status.code()),
         ("in exec\n", Some(5)),
@@ -175,16 +166,7 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
             .any(|l| l.starts_with("pod1") && l.contains("RUNNING")),
         "{ls}"
     );
-    let exec = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "still",
-        "pod1",
-        "sh",
-        "-c",
-        "echo alive",
-    ]);
+    let exec = c.exec("pod1", "still", &["sh", "-c", "echo alive"]);
     assert_eq!(text(&exec.stdout), "alive\n", "{}", text(&exec.stderr));
     c.kill_and_delete("pod1");
     c.assert_nothing_left();

@@ -13,7 +13,7 @@ use kestrel_host::rootfs::{
 };
 use kestrel_protocols::oci::Mount;
 use kestrel_protocols::ttrpc::r#async::Client;
-use kestrel_tests::Agent;
+use kestrel_tests::{pseudo_random, Agent};
 
 /// Returns false, printing why, when not root: the copy sets owners.
 fn require_root(test: &str) -> bool {
@@ -37,19 +37,6 @@ async fn connect(agent: &Agent) -> AgentClient {
         .await
         .expect("connecting to the agent");
     AgentClient::from_client(client, Duration::from_secs(10))
-}
-
-/// Bytes that differ from chunk to chunk, so a misplaced chunk shows.
-fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn set_mode(path: &Path, mode: u32) {

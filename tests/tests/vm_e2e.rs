@@ -73,16 +73,7 @@ fn ctr_runs_containers_inside_a_qemu_vm_with_our_kernel() {
 
     c.run_detached(rootfs, "svc", &["sleep", "1000"]);
     assert_eq!(qemus(&c).len(), 1, "one VM for the container");
-    let exec = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e1",
-        "svc",
-        "sh",
-        "-c",
-        "echo from exec; exit 5",
-    ]);
+    let exec = c.exec("svc", "e1", &["sh", "-c", "echo from exec; exit 5"]);
     assert_eq!(text(&exec.stdout), "from exec\n", "{}", text(&exec.stderr));
     assert_eq!(exec.status.code(), Some(5));
     c.kill_and_delete("svc");
