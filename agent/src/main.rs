@@ -43,10 +43,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 )]
 struct Args {
     /// Address to serve on: vsock://CID:PORT (CID -1 = any) or unix:///path.
-    #[arg(long, default_value = "vsock://-1:1024")]
+    #[arg(long, default_value_t = format!("vsock://-1:{}", kestrel_protocols::AGENT_VSOCK_PORT))]
     listen: String,
     /// Directory CopyFile may write into; relative rootfs paths start here.
-    #[arg(long, default_value = "/run/kestrel/shared")]
+    #[arg(long, default_value = kestrel_protocols::GUEST_SHARED_DIR)]
     shared_dir: PathBuf,
     /// Log level: error, warn, info, debug or trace (or env KESTREL_LOG).
     #[arg(long)]

@@ -44,8 +44,7 @@ use kestrel_protocols::oci::Mount;
 
 use crate::agent_client::{AgentClient, AgentError};
 
-/// The agent's shared directory in the guest (its `--shared-dir` default).
-pub const GUEST_SHARED_DIR: &str = "/run/kestrel/shared";
+pub use kestrel_protocols::GUEST_SHARED_DIR;
 
 /// Bytes of file data per CopyFile request. ttrpc 0.10 refuses messages
 /// over 4 MiB (`MESSAGE_LENGTH_MAX`); 1 MiB leaves room for the path and
@@ -116,8 +115,8 @@ pub enum RootfsError {
     #[error("{}: owner id {id} does not fit CopyFile's int32 uid/gid", path.display())]
     IdOutOfRange { path: PathBuf, id: u32 },
     /// The id would not make a single directory below the shared dir.
-    #[error("container id {0:?} cannot name a directory in the guest")]
-    InvalidContainerId(String),
+    #[error(transparent)]
+    InvalidContainerId(#[from] kestrel_protocols::id::IdError),
     /// A bind mount's source must be absolute: runc would resolve a
     /// relative one against the bundle, which this module does not know.
     #[error("bind mount of {path:?} on {destination}: the source must be an absolute path")]
@@ -286,13 +285,7 @@ pub async fn copy_bind_mounts(
     container_id: &str,
     mounts: &[Mount],
 ) -> Result<Vec<Mount>, RootfsError> {
-    if container_id.is_empty()
-        || container_id.contains('/')
-        || container_id == "."
-        || container_id == ".."
-    {
-        return Err(RootfsError::InvalidContainerId(container_id.to_string()));
-    }
+    kestrel_protocols::id::validate("container id", container_id)?;
     let mut out = Vec::with_capacity(mounts.len());
     for (index, mount) in mounts.iter().enumerate() {
         if !is_bind(mount) {

@@ -49,6 +49,8 @@ pub enum SandboxError {
     DiedEarly { id: String, exit: GuestExit },
     #[error("sandbox {id}: {message}")]
     Record { id: String, message: String },
+    #[error(transparent)]
+    InvalidId(#[from] kestrel_protocols::id::IdError),
 }
 
 /// What `delete` needs to find a sandbox's leftovers.
@@ -104,19 +106,22 @@ fn backend(id: &str, config: &Config) -> Result<Box<dyn Hypervisor>, SandboxErro
     })
 }
 
-/// Where a sandbox keeps its files.
-pub fn state_dir(config: &Config, id: &str) -> PathBuf {
-    config.sandbox.state_dir.join(id)
+/// Where a sandbox keeps its files: one directory below the configured
+/// state directory, so the id must pass the shared id rule first.
+pub fn state_dir(config: &Config, id: &str) -> Result<PathBuf, SandboxError> {
+    kestrel_protocols::id::validate("sandbox id", id)?;
+    Ok(config.sandbox.state_dir.join(id))
 }
 
 impl Sandbox {
     /// Starts the guest and connects to its agent. On any failure the guest
     /// is stopped and its state directory removed: nothing is left behind.
     pub async fn start(id: &str, config: &Config) -> Result<Arc<Sandbox>, SandboxError> {
+        let state_dir = state_dir(config, id)?;
         let mut hypervisor = backend(id, config)?;
         let spec = SandboxSpec {
             id: id.into(),
-            state_dir: state_dir(config, id),
+            state_dir,
             agent_path: config.sandbox.agent_path.clone(),
             agent_log_level: config.sandbox.agent_log_level.clone(),
             vm: Some(config.vm_spec()),
@@ -253,10 +258,17 @@ fn write_record(dir: &Path, record: &SandboxRecord) -> Result<(), SandboxError> 
 }
 
 /// Cleans up a sandbox whose runtime is gone: kills its guest process if
-/// it is still the one recorded, and removes its state directory. Returns
-/// what was found, `None` if there was no sandbox.
+/// it is still the one recorded, and removes its state directory (only if
+/// the runtime made it). Returns what was found, `None` if there was no
+/// sandbox.
 pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord>, SandboxError> {
-    let dir = state_dir(config, id);
+    let dir = state_dir(config, id)?;
+    if dir.exists() && !kestrel_hypervisor::state_dir::is_ours(&dir) {
+        return Err(SandboxError::Hypervisor {
+            id: id.into(),
+            source: kestrel_hypervisor::Error::NotOurs(dir),
+        });
+    }
     let fail = |message: String| SandboxError::Record {
         id: id.into(),
         message,
@@ -271,11 +283,10 @@ pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord
     if let Some(record) = &record {
         kill_if_ours(record.pid, &dir);
     }
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("removing {}: {e}", dir.display()))),
-    }
+    kestrel_hypervisor::state_dir::remove(&dir).map_err(|source| SandboxError::Hypervisor {
+        id: id.into(),
+        source,
+    })?;
     Ok(record)
 }
 

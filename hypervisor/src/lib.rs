@@ -11,6 +11,7 @@
 //! The builtin KVM VMM, QEMU and Cloud Hypervisor follow in their issues.
 
 pub mod backend;
+pub mod state_dir;
 pub mod vhost_user;
 pub mod vmm;
 pub mod vsock;
@@ -88,6 +89,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Config(String),
+    #[error("refusing to touch {0}: it is not a sandbox directory Kestrel created (no {marker} in it)", marker = state_dir::MARKER)]
+    NotOurs(PathBuf),
     #[error("the {0} backend needs a VM spec (kernel, initrd, size); none was given")]
     NoVmSpec(&'static str),
     #[error("the agent binary {0} does not exist or is not executable")]

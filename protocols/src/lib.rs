@@ -31,8 +31,15 @@ macro_rules! generated {
 
 generated!(agent, agent_ttrpc, csi, health, health_ttrpc, oci, types);
 
+pub mod id;
+
 /// The vsock port the agent listens on, as in Kata.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The guest directory under which the host puts what it copies in for a
+/// container (`<dir>/<container id>/rootfs`, `.../mounts/...`); the agent's
+/// `--shared-dir` default.
+pub const GUEST_SHARED_DIR: &str = "/run/kestrel/shared";
 
 pub use protobuf;
 pub use ttrpc;

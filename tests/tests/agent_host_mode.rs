@@ -398,7 +398,14 @@ async fn bad_ids_are_invalid_arguments_and_unknown_ids_not_found() {
     require!("bad_ids_are_invalid_arguments_and_unknown_ids_not_found");
     let (_agent, client, rootfs) = setup().await;
     let long = "x".repeat(129);
-    for bad in ["", "../x", "a/b", long.as_str()] {
+    let shared_table = kestrel_protocols::id::VERDICTS
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(id, _)| *id);
+    for bad in ["", "../x", "a/b", long.as_str()]
+        .into_iter()
+        .chain(shared_table)
+    {
         let err = client
             .create_container(prompt(), &create_request(bad, spec(&rootfs, &["true"])))
             .await

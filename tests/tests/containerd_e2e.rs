@@ -171,3 +171,40 @@ fn deleting_one_container_of_a_pod_leaves_the_others_running() {
     c.kill_and_delete("pod1");
     c.assert_nothing_left();
 }
+
+/// The probe that found it: a sandbox-id annotation naming a host directory
+/// made containerd's clean-up `delete` remove that directory.
+#[test]
+fn a_sandbox_id_annotation_that_is_a_path_is_refused_and_removes_nothing() {
+    let test = "a_sandbox_id_annotation_that_is_a_path_is_refused_and_removes_nothing";
+    if !ready(test) {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let victim = c.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep me").unwrap();
+    for (id, sandbox) in [
+        ("abs", victim.display().to_string()),
+        ("rel", "../victim".to_string()),
+    ] {
+        let annotation = format!("io.kubernetes.cri.sandbox-id={sandbox}");
+        let mut argv = run_argv(false, rootfs.to_str().unwrap(), id, &["true"]);
+        argv.splice(1..1, ["--annotation", annotation.as_str()]);
+        let out = c.ctr(&argv);
+        assert!(!out.status.success(), "ctr run with {annotation} succeeded");
+        assert!(
+            text(&out.stderr).contains("io.kubernetes.cri.sandbox-id"),
+            "the error does not name the annotation: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(victim.join("precious")).ok().as_deref(),
+            Some(&b"keep me"[..]),
+            "ctr run with {annotation} removed the victim\n{}",
+            c.log_text()
+        );
+        let _ = c.ctr(&["container", "delete", id]);
+    }
+}

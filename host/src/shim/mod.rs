@@ -71,6 +71,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        check_ids(&flags)?;
         match flags.action.as_str() {
             "start" => start(&flags).await,
             "delete" => delete(&flags),
@@ -98,19 +99,32 @@ fn bundle_dir(flags: &Flags) -> PathBuf {
     }
 }
 
-/// The sandbox a container's bundle asks for; its own id if the spec cannot be read.
-fn sandbox_of_bundle(bundle: &Path, id: &str) -> String {
-    match crate::oci::load_bundle_spec(bundle) {
+/// The ids containerd hands every action: they name the shim's socket, the
+/// sandbox's state directory and the agent's objects, so they pass the
+/// shared id rule before anything is created, joined or removed.
+fn check_ids(flags: &Flags) -> anyhow::Result<()> {
+    kestrel_protocols::id::validate("container id (-id)", &flags.id)?;
+    kestrel_protocols::id::validate("namespace (-namespace)", &flags.namespace)?;
+    Ok(())
+}
+
+/// The sandbox a container's bundle asks for (its own id if the spec cannot
+/// be read), checked against the id rule.
+fn sandbox_of_bundle(bundle: &Path, id: &str) -> anyhow::Result<String> {
+    let sandbox = match crate::oci::load_bundle_spec(bundle) {
         Ok(spec) => crate::oci::sandbox_id(&spec, id).to_string(),
         Err(_) => id.to_string(),
-    }
+    };
+    kestrel_protocols::id::validate("sandbox id", &sandbox)
+        .map_err(|e| anyhow::anyhow!("annotation {}: {e}", crate::oci::SANDBOX_ID_ANNOTATION))?;
+    Ok(sandbox)
 }
 
 /// `start`: one shim server per sandbox. containerd-shim's `spawn` starts
 /// the server (or finds the sandbox's running one) and returns its address.
 async fn start(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags);
-    let grouping = sandbox_of_bundle(&bundle, &flags.id);
+    let grouping = sandbox_of_bundle(&bundle, &flags.id)?;
     let opts = StartOpts {
         id: flags.id.clone(),
         publish_binary: flags.publish_binary.clone(),
@@ -134,7 +148,7 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         eprintln!("containerd-shim-kestrel-v2: {e}; cleaning up with the defaults");
         Config::default()
     });
-    let sandbox_id = sandbox_of_bundle(&bundle, &flags.id);
+    let sandbox_id = sandbox_of_bundle(&bundle, &flags.id)?;
     // containerd 1.6 also runs `delete` after every normal task delete. If
     // the sandbox's shim still serves (other containers of the pod), the
     // sandbox is not orphaned and must be left alone.

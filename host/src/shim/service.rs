@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use kestrel_protocols::agent::{
     CreateContainerRequest, ExecProcessRequest, UpdateContainerRequest,
 };
+use kestrel_protocols::id::IdError;
 use kestrel_protocols::oci;
 use kestrel_protocols::ttrpc::Code;
 
@@ -62,6 +63,8 @@ pub enum ShimError {
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -79,7 +82,7 @@ impl ShimError {
         match self {
             ShimError::NotFound(_) => Code::NOT_FOUND,
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            ShimError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            ShimError::InvalidArgument(_) | ShimError::InvalidId(_) => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
             // The agent's own verdict carries through (NOT_FOUND stays NOT_FOUND).
@@ -1076,21 +1079,9 @@ fn describe(id: &str, exec_id: &str) -> String {
     }
 }
 
-/// Ids become paths and agent keys: the same rule as the agent's.
-fn validate_id(what: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !id.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ShimError::InvalidArgument(format!(
-            "{what} {id:?} must be 1 to 128 characters of [A-Za-z0-9._-], not starting with a dot"
-        )))
-    }
+/// Ids become paths and agent keys: the rule host and guest share.
+fn validate_id(what: &'static str, id: &str) -> Result<()> {
+    Ok(kestrel_protocols::id::validate(what, id)?)
 }
 
 /// The spec's root, made absolute against the bundle as runc does.
@@ -1166,11 +1157,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_follow_the_agents_rule() {
-        assert!(validate_id("container id", "web-1.a_b").is_ok());
-        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129)] {
-            let err = validate_id("container id", bad).unwrap_err();
-            assert_eq!(err.code(), Code::INVALID_ARGUMENT, "{bad:?}");
+    fn the_shared_table_of_ids_gets_the_same_verdicts_here() {
+        for (id, ok) in kestrel_protocols::id::VERDICTS {
+            match validate_id("container id", id) {
+                Ok(()) => assert!(ok, "{id:?} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{id:?} refused: {e}");
+                    assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{id:?}");
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{kernel_cmdline, remove_state_dir, vsock_socket, SingleVmm};
+use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = "builtin";
@@ -91,7 +91,7 @@ impl Hypervisor for Builtin {
             .vmm
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
             .await;
-        remove_state_dir(&spec.state_dir)?;
+        crate::state_dir::remove(&spec.state_dir)?;
         Ok(exit)
     }
 }

@@ -66,15 +66,6 @@ pub(crate) fn kernel_cmdline(vm: &VmSpec) -> String {
     }
 }
 
-/// Removes a sandbox's state directory; one already gone is fine.
-pub(crate) fn remove_state_dir(dir: &Path) -> Result<(), Error> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("removing", dir)(e)),
-    }
-}
-
 /// A helper process of a sandbox.
 #[derive(Debug)]
 pub(crate) struct Child {
@@ -222,7 +213,7 @@ impl SingleVmm {
     pub fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
         checked_vm(self.backend, spec)?;
         let binary = find_binary(self.what, &self.binary, self.hint)?;
-        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
+        crate::state_dir::create(&spec.state_dir)?;
         self.prepared = Some((spec.clone(), binary));
         Ok(())
     }

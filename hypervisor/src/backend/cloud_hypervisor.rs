@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{kernel_cmdline, remove_state_dir, vsock_socket, SingleVmm};
+use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = "cloud-hypervisor";
@@ -162,7 +162,7 @@ impl Hypervisor for CloudHypervisor {
         // one whose API did not answer.
         let polite = (!asked).then_some(Signal::SIGTERM);
         let exit = self.0.vmm.stop(polite, deadline).await;
-        remove_state_dir(&spec.state_dir)?;
+        crate::state_dir::remove(&spec.state_dir)?;
         Ok(exit)
     }
 }

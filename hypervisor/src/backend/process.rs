@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::child::{io_err, remove_state_dir, Child};
+use super::child::{io_err, Child};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec};
 
 const NAME: &str = "process";
@@ -56,6 +56,7 @@ impl Hypervisor for Process {
         if !executable {
             return Err(Error::AgentMissing(spec.agent_path.clone()));
         }
+        crate::state_dir::create(&spec.state_dir)?;
         let shared = spec.state_dir.join("shared");
         std::fs::create_dir_all(&shared).map_err(io_err("creating", &shared))?;
         self.spec = Some(spec.clone());
@@ -110,7 +111,7 @@ impl Hypervisor for Process {
             .agent
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
             .await;
-        remove_state_dir(&spec.state_dir)?;
+        crate::state_dir::remove(&spec.state_dir)?;
         Ok(exit)
     }
 }

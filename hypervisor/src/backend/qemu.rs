@@ -19,8 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::child::{
-    checked_vm, find_binary, io_err, kernel_cmdline, remove_state_dir, vsock_socket, Child,
-    AGENT_PORT,
+    checked_vm, find_binary, io_err, kernel_cmdline, vsock_socket, Child, AGENT_PORT,
 };
 use super::select::{kvm_support, qemu_accel};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
@@ -168,7 +167,7 @@ impl Hypervisor for Qemu {
         )?;
         let (accel, why) = qemu_accel(&self.options.accel, &kvm_support());
         tracing::info!(sandbox_id = %spec.id, accel, why, "QEMU acceleration");
-        std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating", &spec.state_dir))?;
+        crate::state_dir::create(&spec.state_dir)?;
         self.prepared = Some(Prepared {
             spec: spec.clone(),
             qemu,
@@ -273,7 +272,7 @@ impl Hypervisor for Qemu {
         self.backend
             .stop(None, Instant::now() + BACKEND_GRACE)
             .await;
-        remove_state_dir(&p.spec.state_dir)?;
+        crate::state_dir::remove(&p.spec.state_dir)?;
         Ok(exit)
     }
 }
