@@ -6,11 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends \
-    bc bison busybox-static build-essential ca-certificates containerd curl flex \
-    linux-source-6.1 pkg-config qemu-system-x86 runc xz-utils >/dev/null
+./scripts/install-packages.sh
 
 if ! command -v cargo >/dev/null; then
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal

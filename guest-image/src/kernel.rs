@@ -14,19 +14,6 @@ use crate::Error;
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 pub const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 
-/// Tools the build runs, with the Debian package that has each.
-const TOOLS: &[(&str, &str)] = &[
-    ("make", "make"),
-    ("gcc", "gcc"),
-    ("ld", "binutils"),
-    ("flex", "flex"),
-    ("bison", "bison"),
-    ("bc", "bc"),
-    ("tar", "tar"),
-    ("xz", "xz-utils"),
-    ("perl", "perl"),
-];
-
 /// What the kernel build reports as it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
@@ -45,25 +32,6 @@ pub struct Kernel {
     pub version: String,
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
-}
-
-/// Names the missing build tools with their packages.
-pub fn check_tools() -> Result<(), Error> {
-    let missing = missing_tools(&std::env::var_os("PATH").unwrap_or_default());
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ToolsMissing(missing.join(", ")))
-    }
-}
-
-/// The build tools not found on `path`, each with its package.
-fn missing_tools(path: &std::ffi::OsStr) -> Vec<String> {
-    TOOLS
-        .iter()
-        .filter(|(tool, _)| !std::env::split_paths(path).any(|d| d.join(tool).is_file()))
-        .map(|(tool, package)| format!("{tool} (apt-get install {package})"))
-        .collect()
 }
 
 /// Names a tarball by its size and mtime: cheap, and it changes when the
@@ -331,20 +299,6 @@ mod tests {
             err.to_string().contains("apt-get install linux-source-6.1"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn missing_tools_are_named_with_their_packages() {
-        let empty = tempfile::tempdir().unwrap();
-        let missing = missing_tools(empty.path().as_os_str());
-        assert_eq!(missing.len(), TOOLS.len());
-        assert!(
-            missing.contains(&"flex (apt-get install flex)".to_string()),
-            "{missing:?}"
-        );
-        assert!(missing_tools(std::ffi::OsStr::new("/usr/bin:/bin"))
-            .iter()
-            .all(|m| !m.starts_with("tar ")));
     }
 
     #[test]

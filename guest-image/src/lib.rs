@@ -8,6 +8,7 @@
 pub mod fragments;
 pub mod initramfs;
 pub mod kernel;
+pub mod preflight;
 
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,12 @@ pub enum Error {
         path: PathBuf,
         package: &'static str,
     },
-    #[error("build tools missing: {0}")]
-    ToolsMissing(String),
+    #[error(
+        "the kernel build needs what this host lacks:\n  {}\ninstall it with: apt-get install {}",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "),
+        preflight::packages(.0).join(" ")
+    )]
+    Prerequisites(Vec<preflight::Missing>),
     #[error("the disk is full: {0}")]
     DiskFull(String),
     #[error("Kconfig dropped options the fragments set:\n  {}", .0.join("\n  "))]
@@ -239,7 +244,10 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Built
         });
     }
 
-    kernel::check_tools()?;
+    let missing = preflight::Host::current().missing();
+    if !missing.is_empty() {
+        return Err(Error::Prerequisites(missing));
+    }
     let source = kernel::source(&opts.tarball, &opts.cache, progress)?;
     let version = kernel::version(&source)?;
     let build_dir = opts

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{binary, mounts_under};
+use crate::{binary, mounts_under, skip};
 
 /// Returns false, printing why, when containerd or ctr is missing.
 pub fn available(test: &str) -> bool {
@@ -16,7 +16,7 @@ pub fn available(test: &str) -> bool {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            eprintln!("SKIP {test}: needs {tool} (apt-get install containerd)");
+            skip(test, &format!("needs {tool} (apt-get install containerd)"));
             return false;
         }
     }

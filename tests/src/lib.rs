@@ -3,7 +3,7 @@
 //! specs for it.
 //!
 //! Tests that need something this machine lacks (root, busybox) call
-//! [`require`] and return early, printing why they skipped.
+//! [`require`] and return early after [`skip`] recorded why.
 
 pub mod containerd;
 pub mod shim;
@@ -30,7 +30,34 @@ const APPLETS: &[&str] = &[
     "head", "yes", "env", "pwd", "mount", "grep",
 ];
 
-/// Returns false, printing why, when the machine lacks what a test needs.
+/// The file `scripts/test.sh` names for skip records: one line per skipped
+/// test, `<test>\t<reason>`, so the summary can count and name them (cargo
+/// shows nothing of what a passing test printed).
+pub const SKIP_LOG_ENV: &str = "KESTREL_SKIP_LOG";
+
+/// Records that `test` did not run and why: on stderr, and as a line in
+/// the file [`SKIP_LOG_ENV`] names.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIP {test}: {why}");
+    let Some(log) = std::env::var_os(SKIP_LOG_ENV) else {
+        return;
+    };
+    let line = format!("{test}\t{}\n", why.replace(['\n', '\t'], " "));
+    // One append per record: concurrent tests never interleave a line.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, line.as_bytes()));
+    if let Err(e) = written {
+        panic!(
+            "recording the skip of {test} in {}: {e}",
+            log.to_string_lossy()
+        );
+    }
+}
+
+/// Returns false, recording why, when the machine lacks what a test needs.
 pub fn require(test: &str) -> bool {
     let missing = if !nix::unistd::geteuid().is_root() {
         Some("needs root (namespaces, mounts and cgroups)".to_string())
@@ -41,7 +68,7 @@ pub fn require(test: &str) -> bool {
     };
     match missing {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            skip(test, &why);
             false
         }
         None => true,
@@ -402,7 +429,7 @@ pub struct GuestImage {
 /// cannot be built.
 pub fn guest_image(test: &str) -> Option<GuestImage> {
     let Some(agent) = static_agent() else {
-        eprintln!("SKIP {test}: needs the static agent (./scripts/test.sh builds it)");
+        skip(test, "needs the static agent (./scripts/test.sh builds it)");
         return None;
     };
     let output = std::process::Command::new(binary("kestrel"))
@@ -412,9 +439,12 @@ pub fn guest_image(test: &str) -> Option<GuestImage> {
         .output()
         .expect("running kestrel image build");
     if !output.status.success() {
-        eprintln!(
-            "SKIP {test}: kestrel image build failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        skip(
+            test,
+            &format!(
+                "kestrel image build failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
         );
         return None;
     }

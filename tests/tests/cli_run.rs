@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_tests::{binary, busybox_rootfs, guest_image, require};
+use kestrel_tests::{binary, busybox_rootfs, guest_image, require, skip};
 
 /// A private CLI state root, sandbox state dir and configuration.
 struct Cli {
@@ -339,7 +339,10 @@ fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
         return;
     }
     if !on_path("qemu-system-x86_64") {
-        eprintln!("SKIP {test}: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        skip(
+            test,
+            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        );
         return;
     }
     let Some(image) = guest_image(test) else {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kestrel_guest_image::{initramfs, is_static_elf, sha256_file, Manifest};
 use kestrel_host::agent_client::{dial, AgentClient, DialPolicy};
 use kestrel_host::dial::Address;
-use kestrel_tests::{binary, static_agent};
+use kestrel_tests::{binary, skip, static_agent};
 
 fn tool(name: &str) -> bool {
     std::env::var_os("PATH")
@@ -22,21 +22,18 @@ fn tool(name: &str) -> bool {
 
 /// Returns false, printing why, when the image cannot be built here.
 fn can_build(test: &str) -> bool {
-    let why = if !Path::new(kestrel_guest_image::kernel::SOURCE_TARBALL).exists() {
-        Some("needs the kernel source (apt-get install linux-source-6.1)".to_string())
+    let missing = kestrel_guest_image::preflight::Host::current().missing();
+    let why = if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        Some(format!("the kernel build needs {}", names.join(", ")))
     } else if static_agent().is_none() {
         Some("needs the static agent (see README: cargo build --release --target x86_64-unknown-linux-gnu -p kestrel-agent)".into())
-    } else if !["make", "gcc", "flex", "bison", "bc"]
-        .iter()
-        .all(|t| tool(t))
-    {
-        Some("needs make, gcc, flex, bison and bc".into())
     } else {
         None
     };
     match why {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            skip(test, &why);
             false
         }
         None => true,
@@ -199,7 +196,10 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
         return;
     }
     if !tool("qemu-system-x86_64") {
-        eprintln!("SKIP qemu_tcg_boots_the_image_to_a_serving_agent: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        skip(
+            "qemu_tcg_boots_the_image_to_a_serving_agent",
+            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        );
         return;
     }
     let (bzimage, initrd) = (output("bzimage"), output("initrd"));

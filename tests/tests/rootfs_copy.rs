@@ -13,13 +13,13 @@ use kestrel_host::rootfs::{
 };
 use kestrel_protocols::oci::Mount;
 use kestrel_protocols::ttrpc::r#async::Client;
-use kestrel_tests::{pseudo_random, Agent};
+use kestrel_tests::{pseudo_random, skip, Agent};
 
 /// Returns false, printing why, when not root: the copy sets owners.
 fn require_root(test: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("SKIP {test}: needs root (the agent sets owners with lchown)");
+        skip(test, "needs root (the agent sets owners with lchown)");
     }
     root
 }

@@ -7,7 +7,10 @@ use kestrel_tests::*;
 #[tokio::test]
 async fn static_release_agent_has_no_interpreter_and_serves() {
     let Some(agent_bin) = static_agent() else {
-        eprintln!("SKIP static_release_agent_has_no_interpreter_and_serves: the static agent is not built (scripts/test.sh builds it)");
+        skip(
+            "static_release_agent_has_no_interpreter_and_serves",
+            "the static agent is not built (scripts/test.sh builds it)",
+        );
         return;
     };
     assert!(

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kestrel_tests::containerd::{available, text, Containerd};
-use kestrel_tests::{busybox_rootfs, guest_image, require, GuestImage};
+use kestrel_tests::{busybox_rootfs, guest_image, require, skip, GuestImage};
 
 fn which(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -19,7 +19,10 @@ fn ready(test: &str) -> Option<GuestImage> {
         return None;
     }
     if !which("qemu-system-x86_64") {
-        eprintln!("SKIP {test}: needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        skip(
+            test,
+            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        );
         return None;
     }
     guest_image(test)

@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
-use kestrel_tests::{binary, guest_image, spinning_kernel};
+use kestrel_tests::{binary, guest_image, skip, spinning_kernel};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -30,7 +30,7 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 fn kvm(test: &str) -> Option<KvmSupport> {
     match kvm_support() {
         KvmSupport::Missing(why) => {
-            eprintln!("SKIP {test}: needs a usable /dev/kvm: {why}");
+            skip(test, &format!("needs a usable /dev/kvm: {why}"));
             None
         }
         support => Some(support),
@@ -361,11 +361,9 @@ fn full_boot_reaches_a_serving_agent() {
     match kvm_support() {
         KvmSupport::Native(_) => {}
         other => {
-            eprintln!(
-                "SKIP {test}: needs hardware virtualization: KVM is {} here ({}), and guest user space cannot run on it",
+            skip(test, &format!("needs hardware virtualization: KVM is {} here ({}), and guest user space cannot run on it",
                 other.state(),
-                other.why()
-            );
+                other.why()));
             return;
         }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use kestrel_guest_image::preflight::{self, Missing};
 use kestrel_guest_image::Manifest;
 use kestrel_host::config::{self, Config};
 use kestrel_hypervisor::backend::select::{self, find_program, KvmSupport};
@@ -89,6 +90,8 @@ pub struct Facts {
     /// Whether `[sandbox] agent_path` is an executable file.
     pub agent: bool,
     pub image: GuestImage,
+    /// What building the guest image would need and this host lacks.
+    pub kernel_build_missing: Vec<Missing>,
 }
 
 impl Facts {
@@ -128,6 +131,7 @@ impl Facts {
                 initrd: spec.initrd,
                 manifest,
             },
+            kernel_build_missing: preflight::Host::current().missing(),
             config,
         }
     }
@@ -274,6 +278,9 @@ pub struct Report {
     /// `[sandbox] agent_path`, which the process backend runs.
     pub agent: Check,
     pub guest_image: Check,
+    /// What `kestrel image build` needs (tools, headers, kernel source);
+    /// needed when a VM backend is selected and there is no image yet.
+    pub image_build: Check,
     pub config: Check,
     /// What the selected hypervisor needs and this host lacks.
     pub missing: Vec<String>,
@@ -366,6 +373,24 @@ pub fn report(facts: &Facts) -> Report {
 
     let mut guest_image = guest_image_check(&facts.image);
     guest_image.needed = is_vm;
+    let mut image_build = if facts.kernel_build_missing.is_empty() {
+        Check {
+            present: true,
+            ..Check::missing("tools, headers and kernel source present")
+        }
+    } else {
+        Check::missing(format!(
+            "{}; apt-get install {}",
+            facts
+                .kernel_build_missing
+                .iter()
+                .map(|m| m.what.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            preflight::packages(&facts.kernel_build_missing).join(" ")
+        ))
+    };
+    image_build.needed = is_vm && !guest_image.present;
 
     let config_check = match (&facts.config_source, &facts.config_error) {
         (_, Some(error)) => Check {
@@ -407,6 +432,7 @@ pub fn report(facts: &Facts) -> Report {
         ("cloud-hypervisor", &cloud_hypervisor),
         ("the agent", &agent),
         ("the guest image", &guest_image),
+        ("the guest image build", &image_build),
     ] {
         if check.needed && !check.present {
             missing.push(format!("{name} ({})", check.detail));
@@ -429,6 +455,7 @@ pub fn report(facts: &Facts) -> Report {
         shim,
         agent,
         guest_image,
+        image_build,
         config: config_check,
         ready: missing.is_empty(),
         missing,
@@ -514,6 +541,10 @@ impl Report {
             ..self.guest_image.clone()
         }
         .line(selected);
+        let image_build = match (&self.image_build.path, self.image_build.present) {
+            (None, true) => self.image_build.detail.clone(),
+            _ => self.image_build.line(selected),
+        };
         let lines = [
             ("hypervisor", hypervisor),
             ("kvm", kvm),
@@ -525,6 +556,7 @@ impl Report {
             ("shim", self.shim.line(selected)),
             ("agent", self.agent.line(selected)),
             ("guest image", guest_image),
+            ("image build", image_build),
             ("config", config),
         ];
         lines
@@ -591,6 +623,7 @@ mod tests {
                     initrd: file("initrd.img"),
                 }),
             },
+            kernel_build_missing: Vec::new(),
         }
     }
 
@@ -698,6 +731,29 @@ mod tests {
     }
 
     #[test]
+    fn a_host_without_the_image_or_libelf_dev_names_the_package() {
+        let mut facts = host("qemu");
+        facts.image.kernel_present = false;
+        facts.kernel_build_missing = vec![Missing {
+            what: "the C header gelf.h".into(),
+            package: "libelf-dev",
+        }];
+        let report = report(&facts);
+        assert!(!report.ready);
+        assert!(
+            report
+                .missing
+                .iter()
+                .any(|m| m.contains("gelf.h") && m.contains("apt-get install libelf-dev")),
+            "{:?}",
+            report.missing
+        );
+        assert!(report.text().contains(
+            "image build       missing (needed by qemu): the C header gelf.h; apt-get install libelf-dev\n"
+        ));
+    }
+
+    #[test]
     fn a_broken_config_file_is_reported_and_not_ready() {
         let mut facts = host("process");
         facts.config_source = Some("/etc/kestrel/config.toml".into());
@@ -729,6 +785,7 @@ mod tests {
                 "containerd",
                 "guest_image",
                 "hypervisor",
+                "image_build",
                 "kvm",
                 "missing",
                 "qemu",
@@ -764,6 +821,7 @@ mod tests {
                 "shim",
                 "agent",
                 "guest image",
+                "image build",
                 "config"
             ]
         );
@@ -784,6 +842,6 @@ mod tests {
         let report = report(&Facts::probe());
         assert!(!report.kvm.why.is_empty());
         serde_json::to_string(&report).unwrap();
-        assert_eq!(report.text().lines().count(), 11);
+        assert_eq!(report.text().lines().count(), 12);
     }
 }
