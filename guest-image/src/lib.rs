@@ -9,6 +9,7 @@ pub mod fragments;
 pub mod initramfs;
 pub mod kernel;
 pub mod preflight;
+pub mod shape;
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use kernel::Progress;
+pub use shape::VmShape;
+
+/// The kernel command line our guest kernel boots with, whatever runs it:
+/// the console on the 8250 (`ttyS0`), an i8042 reset as the way out
+/// (`reboot=k`, which kestrel-vmm treats as the guest's end), reboot on
+/// panic, no PCI probing (devices are virtio-mmio), and a quiet console.
+/// No `nomodule`: the kernel has no modules, and would hand the unknown
+/// option to /init. Add `loglevel=7` (or `debug`) to see the boot messages.
+pub const KERNEL_PARAMS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -228,6 +238,11 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Built
                 .into(),
         });
     }
+    // Before anything is read or extracted: everything the build needs.
+    let missing = preflight::Host::with_tarball(&opts.tarball).missing();
+    if !missing.is_empty() {
+        return Err(Error::Prerequisites(missing));
+    }
     let agent_sha256 = hex(&Sha256::digest(&agent_bytes));
     let fragments_sha256 = fragments::hash(fragments::FRAGMENTS);
     let kernel_source = kernel::source_id(&opts.tarball)?;
@@ -244,10 +259,6 @@ pub fn build(opts: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Built
         });
     }
 
-    let missing = preflight::Host::current().missing();
-    if !missing.is_empty() {
-        return Err(Error::Prerequisites(missing));
-    }
     let source = kernel::source(&opts.tarball, &opts.cache, progress)?;
     let version = kernel::version(&source)?;
     let build_dir = opts

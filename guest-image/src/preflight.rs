@@ -18,8 +18,6 @@ pub enum Need {
     Tool(&'static str),
     /// A C header looked up in the compiler's system include directories.
     Header(&'static str),
-    /// A file at a fixed path.
-    File(&'static str),
 }
 
 /// Everything the kernel build needs, with the Debian package of each.
@@ -35,7 +33,6 @@ pub const NEEDS: &[(Need, &str)] = &[
     (Need::Tool("perl"), "perl"),
     (Need::Header("libelf.h"), "libelf-dev"),
     (Need::Header("gelf.h"), "libelf-dev"),
-    (Need::File(SOURCE_TARBALL), SOURCE_PACKAGE),
 ];
 
 /// Where gcc looks for `#include <...>` on Debian x86_64.
@@ -59,12 +56,12 @@ impl std::fmt::Display for Missing {
 }
 
 /// The host as the check sees it: `PATH`, the include directories and the
-/// root that fixed paths are resolved under (`/`, or a fake one in tests).
+/// kernel source tarball.
 #[derive(Debug, Clone)]
 pub struct Host {
     pub path: std::ffi::OsString,
     pub include_dirs: Vec<PathBuf>,
-    pub root: PathBuf,
+    pub tarball: PathBuf,
 }
 
 impl Host {
@@ -73,7 +70,15 @@ impl Host {
         Host {
             path: std::env::var_os("PATH").unwrap_or_default(),
             include_dirs: INCLUDE_DIRS.iter().map(PathBuf::from).collect(),
-            root: PathBuf::from("/"),
+            tarball: PathBuf::from(SOURCE_TARBALL),
+        }
+    }
+
+    /// This machine, building from `tarball`.
+    pub fn with_tarball(tarball: &Path) -> Host {
+        Host {
+            tarball: tarball.to_path_buf(),
+            ..Host::current()
         }
     }
 
@@ -81,27 +86,30 @@ impl Host {
         match need {
             Need::Tool(tool) => on_path(&self.path, tool),
             Need::Header(header) => self.include_dirs.iter().any(|d| d.join(header).is_file()),
-            Need::File(file) => self
-                .root
-                .join(Path::new(file).strip_prefix("/").unwrap_or(Path::new(file)))
-                .is_file(),
         }
     }
 
-    /// Every prerequisite this host lacks, in [`NEEDS`] order.
+    /// Every prerequisite this host lacks, in [`NEEDS`] order, then the
+    /// kernel source.
     pub fn missing(&self) -> Vec<Missing> {
-        NEEDS
+        let mut missing: Vec<Missing> = NEEDS
             .iter()
             .filter(|(need, _)| !self.has(*need))
             .map(|(need, package)| Missing {
                 what: match need {
                     Need::Tool(name) => format!("the {name} program"),
                     Need::Header(name) => format!("the C header {name}"),
-                    Need::File(path) => path.to_string(),
                 },
                 package,
             })
-            .collect()
+            .collect();
+        if !self.tarball.is_file() {
+            missing.push(Missing {
+                what: format!("the kernel source {}", self.tarball.display()),
+                package: SOURCE_PACKAGE,
+            });
+        }
+        missing
     }
 }
 
@@ -128,7 +136,7 @@ mod tests {
         Host {
             path: root.join("bin").into_os_string(),
             include_dirs: vec![root.join("usr/include")],
-            root: root.to_path_buf(),
+            tarball: root.join("linux-source.tar.xz"),
         }
     }
 
@@ -141,7 +149,7 @@ mod tests {
     fn a_bare_host_misses_everything_and_names_each_package() {
         let root = tempfile::tempdir().unwrap();
         let missing = bare(root.path()).missing();
-        assert_eq!(missing.len(), NEEDS.len());
+        assert_eq!(missing.len(), NEEDS.len() + 1);
         let text: Vec<String> = missing.iter().map(ToString::to_string).collect();
         assert!(
             text.contains(&"the flex program (apt-get install flex)".to_string()),
@@ -153,7 +161,8 @@ mod tests {
         );
         assert!(
             text.contains(&format!(
-                "{SOURCE_TARBALL} (apt-get install {SOURCE_PACKAGE})"
+                "the kernel source {} (apt-get install {SOURCE_PACKAGE})",
+                root.path().join("linux-source.tar.xz").display()
             )),
             "{text:?}"
         );
@@ -167,9 +176,9 @@ mod tests {
                 Need::Tool(tool) => touch(&root.path().join("bin").join(tool)),
                 Need::Header("libelf.h") => touch(&root.path().join("usr/include/libelf.h")),
                 Need::Header(_) => {}
-                Need::File(file) => touch(&root.path().join(&file[1..])),
             }
         }
+        touch(&root.path().join("linux-source.tar.xz"));
         let missing = bare(root.path()).missing();
         assert_eq!(
             missing,
@@ -189,9 +198,9 @@ mod tests {
                 Need::Tool("bc") => {}
                 Need::Tool(tool) => touch(&root.path().join("bin").join(tool)),
                 Need::Header(header) => touch(&root.path().join("usr/include").join(header)),
-                Need::File(file) => touch(&root.path().join(&file[1..])),
             }
         }
+        touch(&root.path().join("linux-source.tar.xz"));
         assert_eq!(
             bare(root.path()).missing(),
             vec![Missing {

@@ -5,7 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kestrel_guest_image::shape::{ShapeError, VmShape};
 use kestrel_hypervisor::backend::{self, select};
+
+use crate::lifecycle::registry::TombstoneLimits;
+use crate::lifecycle::relist::RelistConfig;
 use serde::Deserialize;
 
 /// Where the configuration is read from unless `KESTREL_CONFIG` says otherwise.
@@ -122,13 +126,25 @@ impl Default for AgentConfig {
 }
 
 impl Default for LifecycleConfig {
+    /// The registry's and the relister's own defaults, in the file's units.
     fn default() -> Self {
-        // Kubernetes' PLEG: relist every second, unhealthy after 3 minutes.
+        let tombstones = TombstoneLimits::default();
+        let relist = RelistConfig::default();
         LifecycleConfig {
-            tombstone_max_entries: 1024,
-            tombstone_max_age_s: 300,
-            relist_period_ms: 1000,
-            relist_unhealthy_after_s: 180,
+            tombstone_max_entries: tombstones.max_entries,
+            tombstone_max_age_s: tombstones.max_age.as_secs(),
+            relist_period_ms: relist.period.as_millis() as u64,
+            relist_unhealthy_after_s: relist.unhealthy_after.as_secs(),
+        }
+    }
+}
+
+impl VmConfig {
+    /// `memory_mib` and `vcpus` as the one shape type the launchers take.
+    pub fn shape(&self) -> VmShape {
+        VmShape {
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
         }
     }
 }
@@ -138,8 +154,8 @@ impl Default for VmConfig {
         VmConfig {
             kernel: PathBuf::new(),
             initrd: PathBuf::new(),
-            memory_mib: 256,
-            vcpus: 1,
+            memory_mib: VmShape::default().memory_mib,
+            vcpus: VmShape::default().vcpus,
             kernel_params: String::new(),
             qemu: "qemu-system-x86_64".into(),
             cloud_hypervisor: "cloud-hypervisor".into(),
@@ -157,11 +173,6 @@ pub fn guest_image_dir() -> PathBuf {
 
 /// The name of the builtin VMM's binary.
 pub const VMM_BINARY: &str = "kestrel-vmm";
-
-/// The smallest guest memory the guest image boots in.
-pub const MIN_MEMORY_MIB: u32 = 64;
-/// The most vCPUs `[vm] vcpus` accepts.
-pub const MAX_VCPUS: u8 = 32;
 
 const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace"];
 
@@ -211,8 +222,7 @@ impl Config {
         kestrel_hypervisor::VmSpec {
             kernel: or_image(&self.vm.kernel, "vmlinux"),
             initrd: or_image(&self.vm.initrd, "initrd.img"),
-            memory_mib: self.vm.memory_mib,
-            vcpus: self.vm.vcpus,
+            shape: self.vm.shape(),
             kernel_params: self.vm.kernel_params.clone(),
         }
     }
@@ -321,20 +331,12 @@ impl Config {
                 );
             }
         }
-        if vm.memory_mib < MIN_MEMORY_MIB {
-            return invalid(
-                "vm.memory_mib",
-                format!(
-                    "{} MiB is too little for the guest; at least {MIN_MEMORY_MIB}",
-                    vm.memory_mib
-                ),
-            );
-        }
-        if !(1..=MAX_VCPUS).contains(&vm.vcpus) {
-            return invalid(
-                "vm.vcpus",
-                format!("{} is not between 1 and {MAX_VCPUS}", vm.vcpus),
-            );
+        match vm.shape().check() {
+            Ok(()) => {}
+            Err(e @ ShapeError::MemoryTooSmall(_)) => {
+                return invalid("vm.memory_mib", e.to_string())
+            }
+            Err(e @ ShapeError::Vcpus(_)) => return invalid("vm.vcpus", e.to_string()),
         }
         for (key, program) in [
             ("vm.qemu", &vm.qemu),
@@ -482,7 +484,7 @@ mod tests {
         let spec = Config::default().vm_spec();
         assert_eq!(spec.kernel, guest_image_dir().join("vmlinux"));
         assert_eq!(spec.initrd, guest_image_dir().join("initrd.img"));
-        assert_eq!((spec.memory_mib, spec.vcpus), (256, 1));
+        assert_eq!((spec.shape.memory_mib, spec.shape.vcpus), (256, 1));
         assert_eq!(spec.kernel_params, "");
     }
 
@@ -497,8 +499,10 @@ mod tests {
             kestrel_hypervisor::VmSpec {
                 kernel: "/k/vmlinux".into(),
                 initrd: "/k/initrd".into(),
-                memory_mib: 512,
-                vcpus: 4,
+                shape: VmShape {
+                    memory_mib: 512,
+                    vcpus: 4
+                },
                 kernel_params: "agent.debug".into(),
             }
         );

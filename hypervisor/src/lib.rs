@@ -7,19 +7,23 @@
 //! starts, dials [`Hypervisor::agent_address`], watches
 //! [`Hypervisor::exit_watch`] to learn of the guest's death, and stops.
 //!
-//! Backends today: [`backend::process`] (the agent on the host, no VM).
-//! The builtin KVM VMM, QEMU and Cloud Hypervisor follow in their issues.
+//! Backends ([`backend::Backend`]): `builtin` (our `kestrel-vmm` binary),
+//! `qemu` (QEMU microvm with `kestrel-vmm vhost-user-vsock` serving its
+//! vsock), `cloud-hypervisor`, and `process` (the agent on the host, no VM,
+//! for development and tests); `auto` picks builtin or qemu by what KVM can
+//! do here ([`backend::select`]).
+//!
+//! This crate only launches: the VMM itself lives in the `kestrel-vmm`
+//! crate, so the shim and the CLI link no KVM or vhost-user code.
 
 pub mod backend;
 pub mod state_dir;
-pub mod vhost_user;
-pub mod vmm;
-pub mod vsock;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use kestrel_guest_image::VmShape;
 use tokio::sync::watch;
 
 /// What a backend needs to know about the sandbox it runs.
@@ -48,17 +52,14 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     /// The initramfs whose /init is the agent.
     pub initrd: PathBuf,
-    /// Guest memory in MiB.
-    pub memory_mib: u32,
-    /// Number of vCPUs.
-    pub vcpus: u8,
+    /// Guest memory and vCPUs.
+    pub shape: VmShape,
     /// Extra kernel command-line parameters, appended after the backend's own.
     pub kernel_params: String,
 }
 
-/// The kernel command line every VM backend starts from: the serial console,
-/// no waiting for devices that are not there, and a quiet boot.
-pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule quiet";
+/// The kernel command line every VM backend starts from: the guest image's.
+pub use kestrel_guest_image::KERNEL_PARAMS as BASE_KERNEL_PARAMS;
 
 /// How the guest (VM or agent process) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,10 @@
 //! `agent.proto`, `health.proto`, `oci.proto`, `types.proto` and `csi.proto`,
 //! so a Kata runtime can drive the Kestrel agent and our host can drive a Kata
 //! agent. The code is generated at build time by `build.rs`.
+//!
+//! The crate is also the one home of the other facts both sides of the
+//! guest boundary must agree on: the agent's vsock port, the guest directory
+//! the host copies files into, and the id rule ([`id`]).
 
 macro_rules! generated {
     ($($name:ident),* $(,)?) => {

@@ -13,7 +13,7 @@
 //! stays up without the guest image; the vsock device is included.
 //!
 //! Needs a usable /dev/kvm and the release VMM:
-//!   cargo build --release -p kestrel-hypervisor --bin kestrel-vmm
+//!   cargo build --release -p kestrel-vmm
 //!   cargo bench -p kestrel-tests --bench vmm
 //! KESTREL_BENCH_LOOPS=N changes the number of runs (default 20).
 
@@ -24,8 +24,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
-use kestrel_hypervisor::vmm::vcpu::T0_ENV;
 use kestrel_tests::spinning_kernel;
+use kestrel_vmm::vm::vcpu::T0_ENV;
 use nix::sys::signal::{kill, Signal};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::Pid;
@@ -239,7 +239,7 @@ fn main() {
     let Some(vmm) = release_vmm() else {
         eprintln!(
             "vmm bench: target/release/kestrel-vmm is missing; build it first:\n  \
-             cargo build --release -p kestrel-hypervisor --bin kestrel-vmm"
+             cargo build --release -p kestrel-vmm"
         );
         std::process::exit(1);
     };

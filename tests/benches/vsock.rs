@@ -12,7 +12,7 @@
 //! on a small shared machine sequential runs would compare noise.
 //!
 //! Needs qemu-system-x86_64, the guest image and the backends:
-//!   cargo build --release -p kestrel-hypervisor --bin kestrel-vmm
+//!   cargo build --release -p kestrel-vmm
 //!   cargo install vhost-device-vsock
 //!   cargo bench -p kestrel-tests --bench vsock
 //! KESTREL_BENCH_ROUNDS=N changes the number of rounds (default 3).
@@ -115,7 +115,7 @@ fn backends() -> Vec<Backend> {
         Some((profile, program)) => {
             if profile == "debug" {
                 println!("note: target/release/kestrel-vmm is missing; measuring the debug build");
-                println!("      (cargo build --release -p kestrel-hypervisor --bin kestrel-vmm)");
+                println!("      (cargo build --release -p kestrel-vmm)");
             }
             found.push(Backend {
                 kind: Kind::Kestrel,
@@ -123,9 +123,7 @@ fn backends() -> Vec<Backend> {
                 program,
             });
         }
-        None => println!(
-            "SKIP kestrel-vmm: not built (cargo build --release -p kestrel-hypervisor --bin kestrel-vmm)"
-        ),
+        None => println!("SKIP kestrel-vmm: not built (cargo build --release -p kestrel-vmm)"),
     }
     match on_path("vhost-device-vsock") {
         Some(program) => found.push(Backend {

@@ -21,9 +21,12 @@ use kestrel_tests::{binary, guest_image, skip, spinning_kernel};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The start of every command line a test gives the kernel: our console and
-/// shutdown settings (a marker unique to the run follows).
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// The start of every command line a test gives the kernel: the guest
+/// image's, with the boot messages the tests read (a marker unique to the
+/// run follows).
+fn base_cmdline() -> String {
+    format!("{} loglevel=7", kestrel_guest_image::KERNEL_PARAMS)
+}
 
 /// The state of KVM here, or `None` with the reason printed when
 /// `/dev/kvm` cannot be used at all.
@@ -151,7 +154,7 @@ fn kernel_starts_and_prints_its_banner_and_our_command_line() {
             &"--initrd",
             &image.initrd,
             &"--cmdline",
-            &format!("{BASE_CMDLINE} {marker}"),
+            &format!("{} {marker}", base_cmdline()),
             &"--serial",
             &serial,
             &"--vsock-uds",

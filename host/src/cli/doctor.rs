@@ -329,7 +329,7 @@ pub fn report(facts: &Facts) -> Report {
     let mut vmm = match &facts.vmm {
         Some(path) => Check::found(path, None, "builtin VMM; vhost-user-vsock for qemu"),
         None if config.vm.vmm.as_os_str().is_empty() => Check::missing(format!(
-            "{} is neither next to this program nor on PATH (build it with cargo build -p kestrel-hypervisor, or set [vm] vmm)",
+            "{} is neither next to this program nor on PATH (build it with cargo build -p kestrel-vmm, or set [vm] vmm)",
             config::VMM_BINARY
         )),
         None => Check::missing(format!(
@@ -670,7 +670,7 @@ mod tests {
         assert!(!report.ready);
         assert!(
             report.missing[0].contains("kestrel-vmm")
-                && report.missing[0].contains("cargo build -p kestrel-hypervisor"),
+                && report.missing[0].contains("cargo build -p kestrel-vmm"),
             "{:?}",
             report.missing
         );

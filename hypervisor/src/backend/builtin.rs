@@ -26,7 +26,7 @@ impl Builtin {
             NAME,
             "the kestrel-vmm binary",
             vmm_binary,
-            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
+            "is not there or on PATH (cargo build -p kestrel-vmm builds it)",
         ))
     }
 }
@@ -43,9 +43,9 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         "--cmdline".into(),
         kernel_cmdline(vm).into(),
         "--memory".into(),
-        vm.memory_mib.to_string().into(),
+        vm.shape.memory_mib.to_string().into(),
         "--vcpus".into(),
-        vm.vcpus.to_string().into(),
+        vm.shape.vcpus.to_string().into(),
         "--vsock-uds".into(),
         vsock_socket(dir).into(),
         "--serial".into(),
@@ -109,8 +109,10 @@ mod tests {
             vm: Some(VmSpec {
                 kernel: dir.join("vmlinux"),
                 initrd: dir.join("initrd.img"),
-                memory_mib: 256,
-                vcpus: 2,
+                shape: crate::VmShape {
+                    memory_mib: 256,
+                    vcpus: 2,
+                },
                 kernel_params: "debug".into(),
             }),
         }

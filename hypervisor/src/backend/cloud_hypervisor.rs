@@ -69,9 +69,9 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         "--cmdline".into(),
         kernel_cmdline(vm).into(),
         "--memory".into(),
-        format!("size={}M,shared=on", vm.memory_mib).into(),
+        format!("size={}M,shared=on", vm.shape.memory_mib).into(),
         "--cpus".into(),
-        format!("boot={}", vm.vcpus).into(),
+        format!("boot={}", vm.shape.vcpus).into(),
         "--vsock".into(),
         joined(&format!("cid={GUEST_CID},socket="), vsock_socket(dir)),
         "--api-socket".into(),
@@ -180,8 +180,10 @@ mod tests {
         VmSpec {
             kernel: dir.join("vmlinux"),
             initrd: dir.join("initrd.img"),
-            memory_mib: 256,
-            vcpus: 2,
+            shape: crate::VmShape {
+                memory_mib: 256,
+                vcpus: 2,
+            },
             kernel_params: String::new(),
         }
     }

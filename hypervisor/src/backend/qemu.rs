@@ -117,13 +117,13 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
     }
     argv.extend([
         "-m".into(),
-        format!("{}M", vm.memory_mib).into(),
+        format!("{}M", vm.shape.memory_mib).into(),
         "-smp".into(),
-        vm.vcpus.to_string().into(),
+        vm.shape.vcpus.to_string().into(),
         "-object".into(),
         format!(
             "memory-backend-memfd,id=mem0,size={}M,share=on",
-            vm.memory_mib
+            vm.shape.memory_mib
         )
         .into(),
         "-kernel".into(),
@@ -163,7 +163,7 @@ impl Hypervisor for Qemu {
         let vmm = find_binary(
             "the kestrel-vmm binary (it serves the guest's vsock)",
             &self.options.vmm_binary,
-            "is not there or on PATH (cargo build -p kestrel-hypervisor builds it)",
+            "is not there or on PATH (cargo build -p kestrel-vmm builds it)",
         )?;
         let (accel, why) = qemu_accel(&self.options.accel, &kvm_support());
         tracing::info!(sandbox_id = %spec.id, accel, why, "QEMU acceleration");
@@ -285,8 +285,10 @@ mod tests {
         let vm = VmSpec {
             kernel: dir.join("bzImage"),
             initrd: dir.join("initrd.img"),
-            memory_mib: 256,
-            vcpus: 1,
+            shape: crate::VmShape {
+                memory_mib: 256,
+                vcpus: 1,
+            },
             kernel_params: String::new(),
         };
         let spec = SandboxSpec {

@@ -13,7 +13,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
-use crate::vmm::bus::BusDevice;
+use crate::vm::bus::BusDevice;
 
 /// COM1's first I/O port.
 pub const COM1_BASE: u64 = 0x3f8;

@@ -293,13 +293,13 @@ mod tests {
         }
     }
 
-    /// A KVM VM with an irqchip and one vCPU, or `None` (with the reason
-    /// printed) where this host has no usable KVM.
-    fn kvm_vcpu() -> Option<(Kvm, kvm_ioctls::VmFd, VcpuFd)> {
+    /// A KVM VM with an irqchip and one vCPU, or `None` (with the skip of
+    /// `test` recorded) where this host has no usable KVM.
+    fn kvm_vcpu(test: &str) -> Option<(Kvm, kvm_ioctls::VmFd, VcpuFd)> {
         let kvm = match Kvm::new() {
             Ok(kvm) => kvm,
             Err(e) => {
-                eprintln!("skipping: /dev/kvm is not usable here: {e}");
+                crate::skip(test, &format!("/dev/kvm is not usable here: {e}"));
                 return None;
             }
         };
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn setup_vcpu_programs_long_mode_entry_state() {
-        let Some((kvm, _vm, vcpu)) = kvm_vcpu() else {
+        let Some((kvm, _vm, vcpu)) = kvm_vcpu("setup_vcpu_programs_long_mode_entry_state") else {
             return;
         };
         let mem = guest_memory(128).unwrap();
@@ -408,7 +408,8 @@ mod tests {
 
     #[test]
     fn setup_vcpu_rejects_an_id_beyond_the_vcpu_count() {
-        let Some((kvm, _vm, vcpu)) = kvm_vcpu() else {
+        let Some((kvm, _vm, vcpu)) = kvm_vcpu("setup_vcpu_rejects_an_id_beyond_the_vcpu_count")
+        else {
             return;
         };
         let mem = guest_memory(64).unwrap();

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use kestrel_hypervisor::vmm::{SerialOut, Vm, VmConfig, VmExit, DEFAULT_CMDLINE};
+use kestrel_vmm::vm::{SerialOut, Vm, VmConfig, VmExit, VmShape, DEFAULT_CMDLINE};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
@@ -32,17 +32,17 @@ struct Args {
     #[arg(long, value_name = "S", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
     /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 128)]
-    memory: u64,
+    #[arg(long, value_name = "MiB", default_value_t = VmShape::default().memory_mib)]
+    memory: u32,
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = VmShape::default().vcpus)]
     vcpus: u8,
     /// Hybrid vsock socket: `CONNECT <port>\n` to reach the guest; guest
     /// connections to port P go to PATH_P. No vsock device without it.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
     /// The guest's vsock context id.
-    #[arg(long, value_name = "CID", default_value_t = kestrel_hypervisor::vsock::DEFAULT_GUEST_CID)]
+    #[arg(long, value_name = "CID", default_value_t = kestrel_vmm::vsock::DEFAULT_GUEST_CID)]
     vsock_cid: u64,
     /// Where the serial console goes: a file, or `stdout`.
     #[arg(long, value_name = "FILE|stdout", default_value = "stdout")]
@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         uds: PathBuf,
         /// The guest's vsock context id.
-        #[arg(long, value_name = "CID", default_value_t = kestrel_hypervisor::vsock::DEFAULT_GUEST_CID)]
+        #[arg(long, value_name = "CID", default_value_t = kestrel_vmm::vsock::DEFAULT_GUEST_CID)]
         guest_cid: u64,
     },
 }
@@ -113,8 +113,10 @@ fn run(args: Args) -> anyhow::Result<VmExit> {
         kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
+        shape: VmShape {
+            memory_mib: args.memory,
+            vcpus: args.vcpus,
+        },
         vsock_uds: args.vsock_uds,
         vsock_cid: args.vsock_cid,
         serial: match args.serial.as_str() {
@@ -159,6 +161,6 @@ fn serve_vhost_user(socket: &Path, uds: &Path, cid: u64) -> anyhow::Result<()> {
             }
         })
         .context("starting the signal thread")?;
-    kestrel_hypervisor::vhost_user::serve(socket, uds, cid)?;
+    kestrel_vmm::vhost_user::serve(socket, uds, cid)?;
     Ok(())
 }

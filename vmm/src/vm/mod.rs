@@ -28,6 +28,8 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use kestrel_guest_image::VmShape;
+
 use self::boot::{layout, BootError, KernelImage};
 use self::bus::Bus;
 use self::devices::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
@@ -37,8 +39,9 @@ use self::virtio::mmio::MMIO_LEN;
 use self::virtio::vsock::VsockDevice;
 use self::virtio::{GuestMemoryMmap, MmioTransport};
 
-/// The command line used when the caller gives none.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// The command line used when the caller gives none: the one our guest
+/// image boots with.
+pub const DEFAULT_CMDLINE: &str = kestrel_guest_image::KERNEL_PARAMS;
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +58,8 @@ pub struct VmConfig {
     /// The kernel command line; the VMM appends its `virtio_mmio.device=`
     /// entries.
     pub cmdline: String,
-    pub memory_mib: u64,
-    pub vcpus: u8,
+    /// Guest memory and vCPUs.
+    pub shape: VmShape,
     /// The hybrid vsock socket; no vsock device without it.
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: u64,
@@ -69,8 +72,7 @@ impl VmConfig {
             kernel: kernel.into(),
             initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
-            memory_mib: 128,
-            vcpus: 1,
+            shape: VmShape::default(),
             vsock_uds: None,
             vsock_cid: crate::vsock::DEFAULT_GUEST_CID,
             serial: SerialOut::Stdout,
@@ -141,7 +143,7 @@ impl Vm {
     pub fn new(config: &VmConfig) -> Result<Vm, VmmError> {
         // Everything that depends only on the input first: a wrong path or
         // size is reported the same way with or without KVM.
-        let mem = boot::guest_memory(config.memory_mib)?;
+        let mem = boot::guest_memory(config.shape.memory_mib.into())?;
         let image = load_images(&mem, config)?;
         let initrd = initrd_of(&mem, config, &image)?;
         if let Some(uds) = &config.vsock_uds {
@@ -193,13 +195,14 @@ impl Vm {
             }
         }
 
-        boot::configure_system(&mem, &image, &cmdline, initrd.as_ref(), config.vcpus)?;
-        let mut vcpus = Vec::with_capacity(config.vcpus.into());
-        for id in 0..config.vcpus {
+        let vcpu_count = config.shape.vcpus;
+        boot::configure_system(&mem, &image, &cmdline, initrd.as_ref(), vcpu_count)?;
+        let mut vcpus = Vec::with_capacity(vcpu_count.into());
+        for id in 0..vcpu_count {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
-            boot::setup_vcpu(&kvm, &vcpu, &mem, &image, id, config.vcpus)?;
+            boot::setup_vcpu(&kvm, &vcpu, &mem, &image, id, vcpu_count)?;
             vcpus.push(vcpu);
         }
         Ok(Vm {

@@ -210,7 +210,7 @@ fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::boot::layout::MIB;
+    use crate::vm::boot::layout::MIB;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap()

@@ -343,16 +343,16 @@ pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::vmm::boot::layout::{MIB, MMIO_START};
+    use crate::vm::boot::layout::{MIB, MMIO_START};
 
     /// Where the fake ELF's single segment and entry point are.
-    pub(in crate::vmm::boot) const ELF_PADDR: u64 = 0x0100_0000;
+    pub(in crate::vm::boot) const ELF_PADDR: u64 = 0x0100_0000;
     const ELF_PAYLOAD: &[u8] = b"kestrel-kernel!!";
     const ELF_MEMSZ: u64 = 0x20_0000;
 
     /// A minimal vmlinux-like ELF64: one PT_LOAD of `ELF_PAYLOAD` at
     /// `ELF_PADDR` (memsz `ELF_MEMSZ`), entered at its start.
-    pub(in crate::vmm::boot) fn fake_elf() -> Vec<u8> {
+    pub(in crate::vm::boot) fn fake_elf() -> Vec<u8> {
         let ehdr_size = size_of::<Elf64_Ehdr>();
         let phdr_size = size_of::<Elf64_Phdr>();
         let mut ehdr = Elf64_Ehdr::default();
@@ -386,11 +386,11 @@ pub(super) mod tests {
 
     const BZ_SETUP_SECTS: u8 = 1;
     const BZ_PAYLOAD: &[u8] = b"compressed-kernel-bytes";
-    pub(in crate::vmm::boot) const BZ_INITRD_ADDR_MAX: u32 = 0x2fff_ffff;
+    pub(in crate::vm::boot) const BZ_INITRD_ADDR_MAX: u32 = 0x2fff_ffff;
 
     /// A minimal bzImage: boot protocol 2.15 with a 64-bit entry, one setup
     /// sector, and a tiny "compressed kernel".
-    pub(in crate::vmm::boot) fn fake_bzimage(xloadflags: u16) -> Vec<u8> {
+    pub(in crate::vm::boot) fn fake_bzimage(xloadflags: u16) -> Vec<u8> {
         let hdr = setup_header {
             setup_sects: BZ_SETUP_SECTS,
             boot_flag: 0xaa55,
@@ -416,7 +416,7 @@ pub(super) mod tests {
     }
 
     fn ram(mib: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&crate::vmm::boot::memory_regions(mib * MIB)).unwrap()
+        GuestMemoryMmap::from_ranges(&crate::vm::boot::memory_regions(mib * MIB)).unwrap()
     }
 
     fn elf_image() -> KernelImage {
@@ -606,13 +606,20 @@ pub(super) mod tests {
 
     #[test]
     fn built_guest_kernels_load_in_both_formats() {
+        let test = "built_guest_kernels_load_in_both_formats";
         let Some(dir) = built_image_dir() else {
-            eprintln!("skipping: neither XDG_CACHE_HOME nor HOME is set");
+            crate::skip(test, "neither XDG_CACHE_HOME nor HOME is set");
             return;
         };
         let (vmlinux, bzimage) = (dir.join("vmlinux"), dir.join("bzImage"));
         if !vmlinux.exists() || !bzimage.exists() {
-            eprintln!("skipping: no built guest image in {}", dir.display());
+            crate::skip(
+                test,
+                &format!(
+                    "no built guest image in {} (kestrel image build)",
+                    dir.display()
+                ),
+            );
             return;
         }
         let mem = ram(256);

@@ -81,7 +81,7 @@ pub const PAGE_SIZE: u64 = 0x1000;
 
 /// The least RAM [`super::guest_memory`] accepts: a kernel loads at 16 MiB
 /// and decompresses into the next 16, and needs room to run after that.
-pub const MIN_MEM_MIB: u64 = 64;
+pub const MIN_MEM_MIB: u64 = kestrel_guest_image::VmShape::MIN_MEMORY_MIB as u64;
 /// The most vCPUs: APIC ids are 8 bits, 0xff is broadcast, and the I/O
 /// APIC takes the id after the last vCPU.
 pub const MAX_VCPUS: u8 = 254;

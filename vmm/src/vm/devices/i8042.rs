@@ -10,7 +10,7 @@ use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
-use crate::vmm::bus::BusDevice;
+use crate::vm::bus::BusDevice;
 
 /// The controller's data port; the command/status port is at offset 4.
 pub const I8042_BASE: u64 = 0x60;

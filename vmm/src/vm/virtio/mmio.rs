@@ -43,7 +43,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, GuestMemoryAtomic, GuestMemoryMmap, Interrupt, VirtioDevice};
-use crate::vmm::bus::BusDevice;
+use crate::vm::bus::BusDevice;
 
 /// Size of one transport's MMIO window: registers, then config space.
 pub const MMIO_LEN: u64 = 0x1000;

@@ -132,9 +132,9 @@ mod tests {
     use linux_loader::bootparam::XLF_KERNEL_64;
 
     use super::*;
-    use crate::vmm::boot::layout::{HIGH_RAM_START, MIB, MMIO_START};
-    use crate::vmm::boot::loader::tests::{fake_bzimage, fake_elf};
-    use crate::vmm::boot::{guest_memory, load_initrd, load_kernel};
+    use crate::vm::boot::layout::{HIGH_RAM_START, MIB, MMIO_START};
+    use crate::vm::boot::loader::tests::{fake_bzimage, fake_elf};
+    use crate::vm::boot::{guest_memory, load_initrd, load_kernel};
 
     fn cmdline(text: &str) -> Cmdline {
         let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).unwrap();
