@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kestrel_guest_image::shape::{ShapeError, VmShape};
-use kestrel_hypervisor::backend::{self, select};
+use kestrel_hypervisor::backend::{select, Backend, Programs};
 
 use crate::lifecycle::registry::TombstoneLimits;
 use crate::lifecycle::relist::RelistConfig;
@@ -209,6 +209,20 @@ impl Config {
         }
     }
 
+    /// The programs the VM backends run; an unset `[vm] vmm` is found next
+    /// to this executable or on `PATH`.
+    pub fn programs(&self) -> Programs {
+        Programs {
+            qemu: self.vm.qemu.clone(),
+            vmm: self
+                .vm
+                .vmm_binary()
+                .unwrap_or_else(|| PathBuf::from(VMM_BINARY)),
+            cloud_hypervisor: self.vm.cloud_hypervisor.clone(),
+            accel: self.vm.accel.clone(),
+        }
+    }
+
     /// The guest VM to boot, with the empty defaults resolved.
     pub fn vm_spec(&self) -> kestrel_hypervisor::VmSpec {
         let image = guest_image_dir();
@@ -254,13 +268,13 @@ impl Config {
             })
         };
         let hypervisor = self.sandbox.hypervisor.as_str();
-        if hypervisor != select::AUTO && !backend::NAMES.contains(&hypervisor) {
+        if hypervisor != select::AUTO && Backend::from_name(hypervisor).is_none() {
             return invalid(
                 "sandbox.hypervisor",
                 format!(
                     "{hypervisor:?} is not a backend this build has (have: {}, {})",
                     select::AUTO,
-                    backend::NAMES.join(", ")
+                    Backend::names()
                 ),
             );
         }

@@ -6,17 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kestrel_hypervisor::backend::builtin::Builtin;
-use kestrel_hypervisor::backend::cloud_hypervisor::CloudHypervisor;
-use kestrel_hypervisor::backend::process::Process;
-use kestrel_hypervisor::backend::qemu::{Qemu, QemuOptions};
-use kestrel_hypervisor::backend::select;
+use kestrel_hypervisor::backend::{select, Backend, RootfsDelivery};
 use kestrel_hypervisor::{wait_exit, GuestExit, Hypervisor, SandboxSpec};
 use kestrel_protocols::agent::CreateSandboxRequest;
 use tokio::sync::watch;
 
 use crate::agent_client::{AgentClient, AgentError};
-use crate::config::{Config, VMM_BINARY};
+use crate::config::Config;
 use crate::dial::Address;
 
 /// The file in a sandbox's state directory that lets `delete` (run when
@@ -83,27 +79,16 @@ impl std::fmt::Debug for Sandbox {
 /// can do here.
 fn backend(id: &str, config: &Config) -> Result<Box<dyn Hypervisor>, SandboxError> {
     let kvm = select::kvm_support();
-    let (name, why) = select::resolve(&config.sandbox.hypervisor, &kvm).map_err(|e| {
+    let (backend, why) = select::resolve(&config.sandbox.hypervisor, &kvm).map_err(|e| {
         SandboxError::Hypervisor {
             id: id.into(),
             source: kestrel_hypervisor::Error::Config(e.to_string()),
         }
     })?;
     if config.sandbox.hypervisor == select::AUTO {
-        tracing::info!(sandbox_id = id, backend = name, why, "hypervisor chosen");
+        tracing::info!(sandbox_id = id, %backend, why, "hypervisor chosen");
     }
-    let vm = &config.vm;
-    let vmm = || vm.vmm_binary().unwrap_or_else(|| PathBuf::from(VMM_BINARY));
-    Ok(match name {
-        "builtin" => Box::new(Builtin::new(vmm())),
-        "qemu" => Box::new(Qemu::new(QemuOptions {
-            binary: vm.qemu.clone(),
-            vmm_binary: vmm(),
-            accel: vm.accel.clone(),
-        })),
-        "cloud-hypervisor" => Box::new(CloudHypervisor::new(vm.cloud_hypervisor.clone())),
-        _ => Box::new(Process::new()),
-    })
+    Ok(backend.launcher(&config.programs()))
 }
 
 /// Where a sandbox keeps its files: one directory below the configured
@@ -179,13 +164,17 @@ impl Sandbox {
         &self.agent
     }
 
-    /// The pid of the process that embodies the guest.
-    /// Whether the agent sees the host's files (the process backend), or
-    /// lives in a VM that only gets what is copied in.
-    pub fn shares_host_files(&self) -> bool {
-        self.hypervisor.name() == "process"
+    /// Which backend runs the guest.
+    pub fn backend(&self) -> Backend {
+        self.hypervisor.backend()
     }
 
+    /// How a container's rootfs reaches this sandbox's agent.
+    pub fn rootfs_delivery(&self) -> RootfsDelivery {
+        self.backend().rootfs_delivery()
+    }
+
+    /// The pid of the process that embodies the guest.
     pub fn pid(&self) -> u32 {
         self.hypervisor.pid().unwrap_or(0)
     }

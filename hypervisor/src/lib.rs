@@ -116,8 +116,13 @@ pub enum Error {
 /// A way to run a sandbox's guest.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
+    /// Which backend this is.
+    fn backend(&self) -> backend::Backend;
+
     /// The backend's configuration name (`process`, `builtin`, `qemu`, ...).
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.backend().name()
+    }
 
     /// Checks what the backend needs and lays out the sandbox's files;
     /// nothing runs yet.

@@ -14,6 +14,7 @@ use kestrel_guest_image::preflight::{self, Missing};
 use kestrel_guest_image::Manifest;
 use kestrel_host::config::{self, Config};
 use kestrel_hypervisor::backend::select::{self, find_program, KvmSupport};
+use kestrel_hypervisor::backend::Backend;
 use serde::Serialize;
 
 /// `kestrel doctor`'s options.
@@ -295,9 +296,9 @@ pub fn report(facts: &Facts) -> Report {
     // An unknown name (possible only with a config that failed to load)
     // selects nothing and says why.
     let choose = |configured: &str| match select::resolve(configured, &facts.kvm) {
-        Ok((name, why)) => Choice {
+        Ok((backend, why)) => Choice {
             configured: configured.into(),
-            selected: name.into(),
+            selected: backend.name().into(),
             why,
         },
         Err(e) => Choice {
@@ -310,12 +311,9 @@ pub fn report(facts: &Facts) -> Report {
     let auto = choose(select::AUTO);
     let selected = hypervisor.selected.clone();
     let (accel, accel_why) = select::qemu_accel(&config.vm.accel, &facts.kvm);
-    let uses_kvm = match selected.as_str() {
-        "builtin" | "cloud-hypervisor" => true,
-        "qemu" => accel == "kvm",
-        _ => false,
-    };
-    let is_vm = matches!(selected.as_str(), "builtin" | "qemu" | "cloud-hypervisor");
+    let backend = Backend::from_name(&selected);
+    let uses_kvm = backend.is_some_and(|b| b.needs_kvm(accel));
+    let is_vm = backend.is_some_and(Backend::is_vm);
 
     let mut qemu = Check::program(
         &facts.qemu,
@@ -324,7 +322,7 @@ pub fn report(facts: &Facts) -> Report {
             config.vm.qemu.display()
         ),
     );
-    qemu.needed = selected == "qemu";
+    qemu.needed = backend == Some(Backend::Qemu);
 
     let mut vmm = match &facts.vmm {
         Some(path) => Check::found(path, None, "builtin VMM; vhost-user-vsock for qemu"),
@@ -337,13 +335,13 @@ pub fn report(facts: &Facts) -> Report {
             config.vm.vmm.display()
         )),
     };
-    vmm.needed = matches!(selected.as_str(), "builtin" | "qemu");
+    vmm.needed = matches!(backend, Some(Backend::Builtin | Backend::Qemu));
 
     let mut cloud_hypervisor = Check::program(
         &facts.cloud_hypervisor,
         &format!("{} is not installed", config.vm.cloud_hypervisor.display()),
     );
-    cloud_hypervisor.needed = selected == "cloud-hypervisor";
+    cloud_hypervisor.needed = backend == Some(Backend::CloudHypervisor);
 
     let containerd = Check::program(
         &facts.containerd,
@@ -369,7 +367,7 @@ pub fn report(facts: &Facts) -> Report {
             config.sandbox.agent_path.display()
         ))
     };
-    agent.needed = selected == "process";
+    agent.needed = backend == Some(Backend::Process);
 
     let mut guest_image = guest_image_check(&facts.image);
     guest_image.needed = is_vm;

@@ -18,9 +18,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kestrel_protocols::oci;
 use tokio::sync::watch;
 
 use super::state::{Exit, IllegalTransition, Phase, ProcessState, Transition};
+use crate::shim::mount::MountedRootfs;
+use crate::shim::stdio::ProcessIo;
 
 /// Where a process's standard streams go (containerd's FIFO paths).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,7 +34,9 @@ pub struct Stdio {
     pub terminal: bool,
 }
 
-/// A container's init process or one of its execs.
+/// A container's init process or one of its execs, with what it owns: the
+/// copiers of its standard streams and, for an exec not yet started, its
+/// process spec. They end with the process, never in a side table.
 #[derive(Debug)]
 pub struct Process {
     /// Empty for a container's init, else the exec id.
@@ -39,6 +44,12 @@ pub struct Process {
     pub stdio: Stdio,
     state: Mutex<ProcessState>,
     exited: watch::Sender<Option<Exit>>,
+    io: Mutex<Option<ProcessIo>>,
+    spec: Mutex<Option<oci::Process>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Process {
@@ -48,11 +59,40 @@ impl Process {
             stdio,
             state: Mutex::new(ProcessState::new()),
             exited: watch::channel(None).0,
+            io: Mutex::new(None),
+            spec: Mutex::new(None),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, ProcessState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.state)
+    }
+
+    /// Keeps the copiers of this process's streams until it ends.
+    pub fn set_io(&self, io: ProcessIo) {
+        *locked(&self.io) = Some(io);
+    }
+
+    /// Hands the copiers over (to drain them after the exit).
+    pub fn take_io(&self) -> Option<ProcessIo> {
+        locked(&self.io).take()
+    }
+
+    /// Forwards what stdin holds, then closes it (CloseIO).
+    pub fn close_stdin(&self) {
+        if let Some(io) = locked(&self.io).as_ref() {
+            io.close_stdin();
+        }
+    }
+
+    /// Keeps an exec's process spec until Start sends it to the agent.
+    pub fn set_spec(&self, spec: oci::Process) {
+        *locked(&self.spec) = Some(spec);
+    }
+
+    /// The exec's process spec, if Exec gave one.
+    pub fn spec(&self) -> Option<oci::Process> {
+        locked(&self.spec).clone()
     }
 
     /// A copy of the current state; never waits on an operation.
@@ -79,7 +119,8 @@ impl Process {
     }
 }
 
-/// One container: its init, its execs and the lock for its operations.
+/// One container: its init, its execs, the rootfs it mounted on the host
+/// and the lock for its operations.
 #[derive(Debug)]
 pub struct Container {
     pub id: String,
@@ -87,6 +128,7 @@ pub struct Container {
     pub sandbox_id: String,
     pub init: Arc<Process>,
     execs: Mutex<BTreeMap<String, Arc<Process>>>,
+    rootfs: Mutex<Option<MountedRootfs>>,
     /// Serialises create/start/exec/kill/delete on this container only.
     pub op: tokio::sync::Mutex<()>,
 }
@@ -110,12 +152,23 @@ impl Container {
             sandbox_id: sandbox_id.into(),
             init: Arc::new(Process::new("", stdio)),
             execs: Mutex::new(BTreeMap::new()),
+            rootfs: Mutex::new(None),
             op: tokio::sync::Mutex::new(()),
         }
     }
 
     fn execs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Process>>> {
-        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.execs)
+    }
+
+    /// Keeps the mounted rootfs until the teardown lets go of it.
+    pub fn set_rootfs(&self, rootfs: MountedRootfs) {
+        *locked(&self.rootfs) = Some(rootfs);
+    }
+
+    /// Unmounts the rootfs, if this container mounted one.
+    pub fn release_rootfs(&self) {
+        drop(locked(&self.rootfs).take());
     }
 
     /// The init for an empty `exec_id`, else that exec.

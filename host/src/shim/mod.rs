@@ -14,10 +14,16 @@
 //! copy of v2, so the one service is registered under both names and
 //! `start` prints a bare address, which containerd 2 also accepts.
 
+pub mod error;
+mod exits;
+pub mod mount;
+mod pool;
 pub mod publish;
+mod relist_view;
 pub mod service;
 pub mod stdio;
 pub mod task;
+mod teardown;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

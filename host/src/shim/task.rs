@@ -20,7 +20,9 @@ use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
 use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
-use super::service::{CreateParams, ProcessStatus, RootfsMount, Runtime, ShimError};
+use super::error::ShimError;
+use super::mount::RootfsMount;
+use super::service::{CreateParams, ProcessStatus, Runtime};
 use crate::lifecycle::registry::Stdio;
 use crate::lifecycle::state::{Exit, Phase};
 
@@ -41,13 +43,14 @@ impl TaskService {
 /// The one place a runtime error becomes a wire status.
 fn status(method: &'static str, e: ShimError) -> ttrpc::Error {
     let code = e.code();
+    let message = e.chain();
     match code {
         ttrpc::Code::NOT_FOUND | ttrpc::Code::FAILED_PRECONDITION | ttrpc::Code::ALREADY_EXISTS => {
-            tracing::debug!(method, error = %e, "request refused")
+            tracing::debug!(method, error = message, "request refused")
         }
-        _ => tracing::warn!(method, error = %e, "request failed"),
+        _ => tracing::warn!(method, error = message, "request failed"),
     }
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
 }
 
 pub fn timestamp(at: SystemTime) -> Timestamp {

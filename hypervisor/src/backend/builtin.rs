@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
-const NAME: &str = "builtin";
+const NAME: &str = super::Backend::Builtin.name();
 
 /// One `kestrel-vmm` process running one sandbox's guest.
 pub struct Builtin(SingleVmm);
@@ -57,8 +57,8 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
 
 #[async_trait]
 impl Hypervisor for Builtin {
-    fn name(&self) -> &'static str {
-        NAME
+    fn backend(&self) -> super::Backend {
+        super::Backend::Builtin
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
-const NAME: &str = "cloud-hypervisor";
+const NAME: &str = super::Backend::CloudHypervisor.name();
 /// The guest's context id; any value above 2 works, Kata uses 3 as well.
 const GUEST_CID: u32 = 3;
 /// The longest one API call may take when the grace period is longer.
@@ -113,8 +113,8 @@ async fn api_put(socket: &Path, endpoint: &str) -> std::io::Result<()> {
 
 #[async_trait]
 impl Hypervisor for CloudHypervisor {
-    fn name(&self) -> &'static str {
-        NAME
+    fn backend(&self) -> super::Backend {
+        super::Backend::CloudHypervisor
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {

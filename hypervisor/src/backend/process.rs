@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::child::{io_err, Child};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec};
 
-const NAME: &str = "process";
+const NAME: &str = super::Backend::Process.name();
 
 /// The agent as a host process.
 pub struct Process {
@@ -45,8 +45,8 @@ impl Process {
 
 #[async_trait]
 impl Hypervisor for Process {
-    fn name(&self) -> &'static str {
-        NAME
+    fn backend(&self) -> super::Backend {
+        super::Backend::Process
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {

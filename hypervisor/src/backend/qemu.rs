@@ -24,7 +24,7 @@ use super::child::{
 use super::select::{kvm_support, qemu_accel};
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
-const NAME: &str = "qemu";
+const NAME: &str = super::Backend::Qemu.name();
 /// How long the vhost-user backend may take to create its socket.
 const BACKEND_READY: Duration = Duration::from_secs(5);
 /// How long the vhost-user backend gets to leave after QEMU is gone.
@@ -149,8 +149,8 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
 
 #[async_trait]
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        NAME
+    fn backend(&self) -> super::Backend {
+        super::Backend::Qemu
     }
 
     async fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {

@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
-use super::NAMES;
+use super::Backend;
 
 /// The backend name that lets the host pick ([`resolve`]).
 pub const AUTO: &str = "auto";
@@ -22,8 +22,11 @@ pub const ACCELS: &[&str] = &["auto", "kvm", "tcg"];
 /// Why a configured backend name cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
-    /// The name is neither [`AUTO`] nor one of [`NAMES`].
-    #[error("{name:?} is not a hypervisor backend (known: {AUTO}, {})", NAMES.join(", "))]
+    /// The name is neither [`AUTO`] nor a [`Backend`]'s.
+    #[error(
+        "{name:?} is not a hypervisor backend (known: {AUTO}, {})",
+        Backend::names()
+    )]
     UnknownBackend { name: String },
 }
 
@@ -104,29 +107,27 @@ fn kvm_support_in(dev: &Path, modules: &Path) -> KvmSupport {
 /// The backend a configured name means here, and why. `auto` becomes
 /// `builtin` on native KVM and `qemu` anywhere else; other known names pass
 /// through unchanged.
-pub fn resolve(name: &str, kvm: &KvmSupport) -> Result<(&'static str, String), SelectError> {
+pub fn resolve(name: &str, kvm: &KvmSupport) -> Result<(Backend, String), SelectError> {
     if name == AUTO {
         return Ok(match kvm {
             KvmSupport::Native(why) => (
-                "builtin",
+                Backend::Builtin,
                 format!("KVM is native ({why}): the builtin VMM runs the guest"),
             ),
             KvmSupport::Emulated(why) => (
-                "qemu",
+                Backend::Qemu,
                 format!(
                     "KVM is emulated ({why}): the builtin VMM cannot run guest user space here; QEMU with TCG can"
                 ),
             ),
             KvmSupport::Missing(why) => (
-                "qemu",
+                Backend::Qemu,
                 format!("KVM is missing ({why}): QEMU with TCG runs without it"),
             ),
         });
     }
-    NAMES
-        .iter()
-        .find(|known| **known == name)
-        .map(|known| (*known, "configured".to_string()))
+    Backend::from_name(name)
+        .map(|known| (known, "configured".to_string()))
         .ok_or_else(|| SelectError::UnknownBackend { name: name.into() })
 }
 
@@ -267,15 +268,15 @@ mod tests {
 
     #[test]
     fn auto_picks_builtin_on_native_kvm() {
-        let (name, why) = resolve("auto", &native()).unwrap();
-        assert_eq!(name, "builtin");
+        let (backend, why) = resolve("auto", &native()).unwrap();
+        assert_eq!(backend, Backend::Builtin);
         assert!(why.contains("native"), "{why}");
     }
 
     #[test]
     fn auto_picks_qemu_on_emulated_kvm_and_explains_why() {
-        let (name, why) = resolve("auto", &emulated()).unwrap();
-        assert_eq!(name, "qemu");
+        let (backend, why) = resolve("auto", &emulated()).unwrap();
+        assert_eq!(backend, Backend::Qemu);
         assert!(
             why.contains("kvm_pvm") && why.contains("builtin VMM cannot run guest user space"),
             "{why}"
@@ -284,16 +285,16 @@ mod tests {
 
     #[test]
     fn auto_picks_qemu_without_kvm() {
-        let (name, why) = resolve("auto", &KvmSupport::Missing("no /dev/kvm".into())).unwrap();
-        assert_eq!(name, "qemu");
+        let (backend, why) = resolve("auto", &KvmSupport::Missing("no /dev/kvm".into())).unwrap();
+        assert_eq!(backend, Backend::Qemu);
         assert!(why.contains("no /dev/kvm"), "{why}");
     }
 
     #[test]
     fn a_named_backend_passes_through_whatever_kvm_can_do() {
-        for name in NAMES {
-            assert_eq!(resolve(name, &emulated()).unwrap().0, *name);
-            assert_eq!(resolve(name, &native()).unwrap().0, *name);
+        for backend in Backend::ALL {
+            assert_eq!(resolve(backend.name(), &emulated()).unwrap().0, backend);
+            assert_eq!(resolve(backend.name(), &native()).unwrap().0, backend);
         }
     }
 
@@ -301,7 +302,7 @@ mod tests {
     fn an_unknown_backend_is_refused_listing_the_known_ones() {
         let err = resolve("xen", &native()).unwrap_err().to_string();
         assert!(err.contains("\"xen\""), "{err}");
-        for name in NAMES.iter().chain([&AUTO]) {
+        for name in Backend::ALL.map(Backend::name).iter().chain([&AUTO]) {
             assert!(err.contains(name), "{err} lacks {name}");
         }
     }
