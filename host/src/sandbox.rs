@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::dial::Address;
+use crate::lifecycle::relist::{HealthReport, HEALTH_FILE};
 
 /// The file in a sandbox's state directory that lets `delete` (run when
 /// containerd cannot reach the shim) find what to clean up.
@@ -60,6 +61,7 @@ pub struct SandboxRecord {
 
 pub struct Sandbox {
     pub id: String,
+    state_dir: PathBuf,
     hypervisor: Box<dyn Hypervisor>,
     agent: AgentClient,
     stop_grace: Duration,
@@ -106,7 +108,7 @@ impl Sandbox {
         let mut hypervisor = backend(id, config)?;
         let spec = SandboxSpec {
             id: id.into(),
-            state_dir,
+            state_dir: state_dir.clone(),
             agent_path: config.sandbox.agent_path.clone(),
             agent_log_level: config.sandbox.agent_log_level.clone(),
             vm: Some(config.vm_spec()),
@@ -146,6 +148,7 @@ impl Sandbox {
                 tracing::info!(sandbox_id = id, backend = hypervisor.name(), pid = ?hypervisor.pid(), "sandbox started");
                 Ok(Arc::new(Sandbox {
                     id: id.into(),
+                    state_dir,
                     hypervisor,
                     agent,
                     stop_grace: grace,
@@ -158,6 +161,11 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    /// The directory this sandbox keeps its files in (removed when it stops).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -302,5 +310,107 @@ fn kill_if_ours(pid: u32, dir: &Path) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// A sandbox's health as its shim last reported it: whether its relister
+/// keeps relisting (`kestrel ps`, `kestrel doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Unhealthy(String),
+    /// No sandbox of that id runs, or its shim has not reported yet.
+    Unknown,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Health::Healthy => f.write_str("healthy"),
+            Health::Unhealthy(why) => write!(f, "unhealthy: {why}"),
+            Health::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// The health of the sandbox `id` under the configured state directory.
+pub fn health(config: &Config, id: &str) -> Health {
+    match state_dir(config, id) {
+        Ok(dir) => health_in(&dir),
+        Err(_) => Health::Unknown,
+    }
+}
+
+fn health_in(dir: &Path) -> Health {
+    let report: Option<HealthReport> = std::fs::read(dir.join(HEALTH_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    match report.map(|r| r.verdict(std::time::SystemTime::now())) {
+        None => Health::Unknown,
+        Some(Ok(())) => Health::Healthy,
+        Some(Err(why)) => Health::Unhealthy(why.to_string()),
+    }
+}
+
+/// Every sandbox under the configured state directory, by id, with its
+/// health.
+pub fn all_health(config: &Config) -> Vec<(String, Health)> {
+    let Ok(entries) = std::fs::read_dir(&config.sandbox.state_dir) else {
+        return Vec::new();
+    };
+    let mut all: Vec<(String, Health)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| kestrel_hypervisor::state_dir::is_ours(&e.path()))
+        .filter_map(|e| {
+            let id = e.file_name().into_string().ok()?;
+            Some((id, health_in(&e.path())))
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    #[test]
+    fn health_comes_from_the_report_and_turns_stale_by_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.sandbox.state_dir = tmp.path().to_path_buf();
+        for id in ["fresh", "stale", "silent"] {
+            kestrel_hypervisor::state_dir::create(&tmp.path().join(id)).unwrap();
+        }
+        let write = |id: &str, last: u64| {
+            let report = HealthReport {
+                started_unix_ms: now_ms() - 600_000,
+                last_relist_unix_ms: Some(last),
+                unhealthy_after_ms: 180_000,
+            };
+            std::fs::write(
+                tmp.path().join(id).join(HEALTH_FILE),
+                serde_json::to_vec(&report).unwrap(),
+            )
+            .unwrap();
+        };
+        write("fresh", now_ms());
+        write("stale", now_ms() - 200_000);
+        assert_eq!(health(&config, "fresh"), Health::Healthy);
+        assert!(
+            matches!(health(&config, "stale"), Health::Unhealthy(why) if why.contains("last active")),
+        );
+        assert_eq!(health(&config, "silent"), Health::Unknown);
+        assert_eq!(health(&config, "../x"), Health::Unknown);
+        let all = all_health(&config);
+        let ids: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["fresh", "silent", "stale"]);
     }
 }

@@ -8,6 +8,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_tests::{binary, busybox_rootfs, guest_image, require, skip};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// A private CLI state root, sandbox state dir and configuration.
 struct Cli {
@@ -85,6 +87,22 @@ impl Cli {
             }
         }
         found
+    }
+
+    /// [`Self::leftover_processes`] with their pids.
+    fn leftover_processes_with_pid(&self) -> Vec<(i32, String)> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(&needle).then_some((pid, cmdline))
+            })
+            .collect()
     }
 
     fn assert_no_processes_left(&self) {
@@ -323,6 +341,62 @@ fn events_json_reports_a_container_starting_and_dying() {
         (&"died".into(), &4.into())
     );
     assert_eq!(seen[2]["event"], "removed");
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn ps_and_doctor_name_a_sandbox_whose_agent_stopped_answering() {
+    let test = "ps_and_doctor_name_a_sandbox_whose_agent_stopped_answering";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("[lifecycle]\nrelist_period_ms = 100\nrelist_unhealthy_after_s = 1\n");
+    let out = cli.run(&["-d"], "h1", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let health_becomes = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let row = cli.ps_row("h1");
+            let health = row["sandbox_health"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if health.starts_with(want) || Instant::now() > deadline {
+                return health;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(health_becomes("healthy"), "healthy");
+
+    // A wedged agent: its relists fail, the shim still answers.
+    let sandbox_dir = cli.dir.path().join("sandboxes/h1");
+    let agent = cli
+        .leftover_processes_with_pid()
+        .into_iter()
+        .find(|(_, cmdline)| {
+            cmdline.contains("kestrel-agent --listen")
+                && cmdline.contains(&*sandbox_dir.to_string_lossy())
+        })
+        .map(|(pid, _)| pid)
+        .expect("the sandbox's agent process");
+    kill(Pid::from_raw(agent), Signal::SIGSTOP).unwrap();
+    let health = health_becomes("unhealthy");
+    kill(Pid::from_raw(agent), Signal::SIGCONT).unwrap();
+    assert!(
+        health.starts_with("unhealthy: relister was last active"),
+        "{health}"
+    );
+    let doctor = cli.output(&["doctor"]);
+    let doctor_text = text(&doctor.stdout);
+    assert!(
+        doctor_text
+            .lines()
+            .any(|l| l.starts_with("sandboxes") && l.contains("h1 (")),
+        "{doctor_text}"
+    );
+
+    assert!(cli.output(&["rm", "-f", "h1"]).status.success());
     cli.assert_no_processes_left();
 }
 

@@ -125,6 +125,15 @@ impl Container {
             .unwrap_or_default()
     }
 
+    /// The sandbox the container runs in: the bundle's sandbox-id
+    /// annotation, else its own id.
+    pub fn sandbox_id(&self) -> String {
+        match kestrel_host::oci::load_bundle_spec(&self.dir) {
+            Ok(spec) => kestrel_host::oci::sandbox_id(&spec, &self.id).to_string(),
+            Err(_) => self.id.clone(),
+        }
+    }
+
     /// Removes the directory and everything in it.
     pub fn remove(&self) -> Result<(), ContainerError> {
         match std::fs::remove_dir_all(&self.dir) {

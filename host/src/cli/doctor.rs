@@ -13,6 +13,7 @@ use clap::Args;
 use kestrel_guest_image::preflight::{self, Missing};
 use kestrel_guest_image::Manifest;
 use kestrel_host::config::{self, Config};
+use kestrel_host::sandbox::{self, Health};
 use kestrel_hypervisor::backend::select::{self, find_program, KvmSupport};
 use kestrel_hypervisor::backend::Backend;
 use serde::Serialize;
@@ -93,6 +94,8 @@ pub struct Facts {
     pub image: GuestImage,
     /// What building the guest image would need and this host lacks.
     pub kernel_build_missing: Vec<Missing>,
+    /// The sandboxes under the state directory, with their health.
+    pub sandboxes: Vec<(String, Health)>,
 }
 
 impl Facts {
@@ -133,6 +136,7 @@ impl Facts {
                 manifest,
             },
             kernel_build_missing: preflight::Host::current().missing(),
+            sandboxes: sandbox::all_health(&config),
             config,
         }
     }
@@ -259,6 +263,14 @@ impl Check {
     }
 }
 
+/// One running sandbox and its health (`healthy`, `unhealthy: why`,
+/// `unknown`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SandboxHealth {
+    pub id: String,
+    pub health: String,
+}
+
 /// `kestrel doctor`'s findings; `--json` prints exactly this.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -283,6 +295,9 @@ pub struct Report {
     /// needed when a VM backend is selected and there is no image yet.
     pub image_build: Check,
     pub config: Check,
+    /// The sandboxes running here, and whether their shims' relisters
+    /// keep relisting.
+    pub sandboxes: Vec<SandboxHealth>,
     /// What the selected hypervisor needs and this host lacks.
     pub missing: Vec<String>,
     /// True when nothing is missing.
@@ -455,6 +470,14 @@ pub fn report(facts: &Facts) -> Report {
         guest_image,
         image_build,
         config: config_check,
+        sandboxes: facts
+            .sandboxes
+            .iter()
+            .map(|(id, health)| SandboxHealth {
+                id: id.clone(),
+                health: health.to_string(),
+            })
+            .collect(),
         ready: missing.is_empty(),
         missing,
     }
@@ -501,6 +524,24 @@ fn guest_image_check(image: &GuestImage) -> Check {
 }
 
 impl Report {
+    /// How many sandboxes run, naming each that is not healthy.
+    fn sandboxes_line(&self) -> String {
+        if self.sandboxes.is_empty() {
+            return "none running".into();
+        }
+        let troubled: Vec<String> = self
+            .sandboxes
+            .iter()
+            .filter(|s| s.health != "healthy")
+            .map(|s| format!("{} ({})", s.id, s.health))
+            .collect();
+        if troubled.is_empty() {
+            format!("{} running, all healthy", self.sandboxes.len())
+        } else {
+            format!("{} running; {}", self.sandboxes.len(), troubled.join(", "))
+        }
+    }
+
     /// One line per part, for people.
     pub fn text(&self) -> String {
         let hypervisor = if self.hypervisor.selected.is_empty() {
@@ -556,6 +597,7 @@ impl Report {
             ("guest image", guest_image),
             ("image build", image_build),
             ("config", config),
+            ("sandboxes", self.sandboxes_line()),
         ];
         lines
             .iter()
@@ -622,6 +664,7 @@ mod tests {
                 }),
             },
             kernel_build_missing: Vec::new(),
+            sandboxes: Vec::new(),
         }
     }
 
@@ -752,6 +795,25 @@ mod tests {
     }
 
     #[test]
+    fn an_unhealthy_sandbox_is_named() {
+        let mut facts = host("qemu");
+        facts.sandboxes = vec![
+            ("ok1".into(), Health::Healthy),
+            (
+                "stuck".into(),
+                Health::Unhealthy("relister was last active 200s ago".into()),
+            ),
+        ];
+        let text = report(&facts).text();
+        assert!(
+            text.contains("sandboxes         2 running; stuck (unhealthy: relister was last active 200s ago)\n"),
+            "{text}"
+        );
+        facts.sandboxes.truncate(1);
+        assert!(report(&facts).text().contains("1 running, all healthy"));
+    }
+
+    #[test]
     fn a_broken_config_file_is_reported_and_not_ready() {
         let mut facts = host("process");
         facts.config_source = Some("/etc/kestrel/config.toml".into());
@@ -788,6 +850,7 @@ mod tests {
                 "missing",
                 "qemu",
                 "ready",
+                "sandboxes",
                 "shim",
                 "vmm"
             ]
@@ -820,7 +883,8 @@ mod tests {
                 "agent",
                 "guest image",
                 "image build",
-                "config"
+                "config",
+                "sandboxes"
             ]
         );
         assert!(
@@ -840,6 +904,6 @@ mod tests {
         let report = report(&Facts::probe());
         assert!(!report.kvm.why.is_empty());
         serde_json::to_string(&report).unwrap();
-        assert_eq!(report.text().lines().count(), 12);
+        assert_eq!(report.text().lines().count(), 13);
     }
 }

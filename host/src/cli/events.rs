@@ -143,6 +143,7 @@ mod tests {
             pid: 1,
             exit,
             image: String::new(),
+            sandbox_health: None,
         }
     }
 

@@ -9,6 +9,8 @@ use serde::Serialize;
 use super::containers::Container;
 use super::shim::{status_name, Shim};
 use containerd_shim_protos::types::task::Status;
+use kestrel_host::config::Config;
+use kestrel_host::sandbox;
 
 const NOT_ANSWERING: &str = "UNKNOWN (shim not answering)";
 
@@ -28,6 +30,9 @@ pub struct Row {
     /// The exit status of a stopped container.
     pub exit: Option<u32>,
     pub image: String,
+    /// Whether its sandbox's relister keeps relisting (`ps` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_health: Option<String>,
 }
 
 /// Asks the container's shim for its state.
@@ -38,6 +43,7 @@ pub async fn row(container: &Container) -> Row {
         pid: 0,
         exit: None,
         image: container.rootfs(),
+        sandbox_health: None,
     };
     let Ok(shim) = Shim::open(container).await else {
         return row;
@@ -53,23 +59,31 @@ pub async fn row(container: &Container) -> Row {
 }
 
 pub async fn run(args: PsArgs) -> Result<ExitCode> {
+    // Without a readable configuration the sandboxes' directory is unknown:
+    // list the containers all the same.
+    let config = Config::load().ok();
     let mut rows = Vec::new();
     for container in Container::list()? {
-        rows.push(row(&container).await);
+        let mut row = row(&container).await;
+        if let Some(config) = &config {
+            row.sandbox_health = Some(sandbox::health(config, &container.sandbox_id()).to_string());
+        }
+        rows.push(row);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<30} {:>8} {:>5}  IMAGE",
-        "ID", "STATUS", "PID", "EXIT"
+        "{:<20} {:<30} {:>8} {:>5}  {:<10} IMAGE",
+        "ID", "STATUS", "PID", "EXIT", "SANDBOX"
     );
     for r in rows {
         let exit = r.exit.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+        let health = r.sandbox_health.as_deref().unwrap_or("unknown");
         println!(
-            "{:<20} {:<30} {:>8} {:>5}  {}",
-            r.id, r.status, r.pid, exit, r.image
+            "{:<20} {:<30} {:>8} {:>5}  {:<10} {}",
+            r.id, r.status, r.pid, exit, health, r.image
         );
     }
     Ok(ExitCode::SUCCESS)

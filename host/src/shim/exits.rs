@@ -3,6 +3,7 @@
 //! for everything in it, and the relister for any death those two missed
 //! (a WaitProcess lost with a dropped vsock connection, say).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -47,6 +48,11 @@ impl Runtime {
                     tokio::spawn(Arc::clone(self).watch_sandbox_death(Arc::clone(&sandbox))),
                     tokio::spawn(watch_oom(Arc::clone(&sandbox), self.events.clone())),
                     Arc::clone(&relister).spawn(),
+                    tokio::spawn(publish_health(
+                        Arc::clone(&relister),
+                        sandbox.state_dir().join(relist::HEALTH_FILE),
+                        self.config.lifecycle.relist_period(),
+                    )),
                 ];
                 Ok(Running::new(sandbox, relister, watchers))
             })
@@ -71,23 +77,16 @@ impl Runtime {
             .and_then(|running| running.relister.record(id))
     }
 
-    /// A channel whose receiver acts on what the relister saw: a death the
-    /// exit watcher missed is recorded after a grace period.
+    /// A channel whose receiver acts on the deaths the relister saw: one
+    /// the exit watcher has not recorded within a grace period is recorded
+    /// here, with the agent's status, or with the guest-death status for a
+    /// running container the agent no longer knows.
     fn relist_events(self: &Arc<Self>) -> tokio::sync::mpsc::UnboundedSender<LifecycleEvent> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let runtime = Arc::downgrade(self);
         tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                tracing::debug!(?event, "relist");
-                // Only an exit the agent reported: a container that merely
-                // left the list is being deleted.
-                let LifecycleEvent::ContainerDied {
-                    id,
-                    exit_status: Some(status),
-                } = event
-                else {
-                    continue;
-                };
+            while let Some(LifecycleEvent::ContainerDied { id, exit_status }) = rx.recv().await {
+                tracing::debug!(container_id = %id, ?exit_status, "relist saw a death");
                 let Some(runtime) = runtime.upgrade() else {
                     return;
                 };
@@ -101,13 +100,16 @@ impl Runtime {
                         .registry
                         .get(&id)
                         .filter(|now| Arc::ptr_eq(now, &seen));
-                    if let Some(container) = same {
-                        if !container.init.state().has_exited() {
-                            tracing::warn!(container_id = %id, status, "relist found a death the exit watcher missed");
-                            let _op = container.op.lock().await;
-                            runtime.record_exit(&container, &container.init, Exit::now(status));
-                        }
+                    let Some(container) = same else { return };
+                    // A container being deleted leaves the listing too; its
+                    // exit is recorded already.
+                    if container.init.state().has_exited() {
+                        return;
                     }
+                    let status = exit_status.unwrap_or(SANDBOX_DIED_STATUS);
+                    tracing::warn!(container_id = %id, status, agent_status = ?exit_status, "relist found a death the exit watcher missed");
+                    let _op = container.op.lock().await;
+                    runtime.record_exit(&container, &container.init, Exit::now(status));
                 });
             }
         });
@@ -217,6 +219,25 @@ impl Runtime {
 pub(super) async fn dies_soon(sandbox: &Sandbox) -> bool {
     let death = kestrel_hypervisor::wait_exit(sandbox.exit_watch());
     tokio::time::timeout(DEATH_NOTICE, death).await.is_ok()
+}
+
+/// Keeps the relister's health report in the sandbox's state directory,
+/// where `kestrel ps` and `kestrel doctor` read it: rewritten every period,
+/// by a task of its own so that a relist that hangs leaves the report
+/// going stale rather than unwritten.
+async fn publish_health(relister: Arc<Relister<AgentView>>, path: PathBuf, period: Duration) {
+    loop {
+        let report = relister.health_report();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "writing the relister's health");
+        }
+        tokio::time::sleep(period).await;
+    }
 }
 
 /// Relays OOM kills the agent reports as TaskOOM events.

@@ -13,6 +13,8 @@ use crate::sandbox::Sandbox;
 
 /// How long a liveness probe lets the agent answer.
 const PROBE_DEADLINE: Duration = Duration::from_millis(20);
+/// How long the agent has to answer the health check each relist opens with.
+const HEALTH_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The relister's view of a sandbox: the containers the registry placed in
 /// it, each probed through the agent.
@@ -53,6 +55,17 @@ impl AgentView {
 #[async_trait::async_trait]
 impl SandboxView for AgentView {
     async fn list(&self) -> std::result::Result<Vec<Listed>, ViewError> {
+        // A probe reads "still running" from a deadline, which a wedged
+        // agent also produces: the agent first proves it answers at all.
+        match tokio::time::timeout(HEALTH_DEADLINE, self.sandbox.agent().health()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(ViewError(format!("agent health check: {e}"))),
+            Err(_) => {
+                return Err(ViewError(format!(
+                    "the agent did not answer a health check within {HEALTH_DEADLINE:?}"
+                )))
+            }
+        }
         let mut listed = Vec::new();
         for container in self.containers() {
             let state = match container.init.state().phase() {
