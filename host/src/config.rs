@@ -22,7 +22,7 @@ pub const HYPERVISOR_ENV: &str = "KESTREL_HYPERVISOR";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -572,6 +572,20 @@ mod tests {
         let err = Config::from_file(Path::new("/nonexistent/kestrel.toml")).unwrap_err();
         assert!(
             err.to_string().contains("/nonexistent/kestrel.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_named_file_says_why_only_through_its_source() {
+        let err = Config::from_file(Path::new("/nonexistent/kestrel.toml")).unwrap_err();
+        let source = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(
+            source.is_some_and(|s| s.contains("No such file or directory")),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains("No such file or directory"),
             "{err}"
         );
     }

@@ -521,3 +521,84 @@ fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
     assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
     cli.assert_no_processes_left();
 }
+
+/// A refused request as the user reads it: one line naming the wire code
+/// once, not the ttrpc `Status`'s debug form, and the cause once (`{:#}`
+/// printing a cause that the layer above had already put in its message
+/// used to double both).
+fn assert_refused_once(out: &Output, code: &str, cause: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches(code).count(), 1, "{stderr}");
+    assert_eq!(stderr.matches(cause).count(), 1, "{stderr}");
+    assert!(
+        !stderr.contains("Status {") && !stderr.contains("special_fields"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn exec_of_a_missing_binary_names_the_code_and_the_cause_once() {
+    let test = "exec_of_a_missing_binary_names_the_code_and_the_cause_once";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "exec-nope", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let out = cli.output(&["exec", "exec-nope", "--", "/bin/nope"]);
+    assert_refused_once(&out, "INVALID_ARGUMENT", "/bin/nope");
+    assert!(cli.output(&["rm", "-f", "exec-nope"]).status.success());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn run_of_an_empty_rootfs_names_the_code_and_the_cause_once() {
+    let test = "run_of_an_empty_rootfs_names_the_code_and_the_cause_once";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let empty = cli.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = cli.output(&[
+        "run",
+        "--hypervisor",
+        "process",
+        "--rootfs",
+        empty.to_str().unwrap(),
+        "empty-rootfs",
+        "--",
+        "true",
+    ]);
+    assert_refused_once(&out, "INVALID_ARGUMENT", "not found");
+    assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn exec_into_and_kill_of_a_stopped_container_name_the_code_once() {
+    let test = "exec_into_and_kill_of_a_stopped_container_name_the_code_once";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "stopped", &["true"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cli.ps_row("stopped")["status"] != "STOPPED" {
+        assert!(
+            Instant::now() < deadline,
+            "stopped: {}",
+            cli.ps_row("stopped")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = cli.output(&["exec", "stopped", "--", "true"]);
+    assert_refused_once(&out, "FAILED_PRECONDITION", "Exec stopped");
+    let out = cli.output(&["kill", "stopped", "KILL"]);
+    assert_refused_once(&out, "NOT_FOUND", "Kill stopped");
+    assert!(cli.output(&["rm", "stopped"]).status.success());
+    cli.assert_no_processes_left();
+}

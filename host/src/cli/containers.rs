@@ -13,13 +13,13 @@ pub const NAMESPACE: &str = "kestrel";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("invalid container id: {0}")]
+    #[error("invalid container id")]
     BadId(#[source] kestrel_protocols::id::IdError),
     #[error("container {0} already exists")]
     Exists(String),
     #[error("no such container: {0}")]
     NotFound(String),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -152,5 +152,13 @@ mod tests {
         for (id, ok) in kestrel_protocols::id::VERDICTS {
             assert_eq!(validate_id(id).is_ok(), *ok, "{id:?}");
         }
+    }
+
+    #[test]
+    fn a_refused_id_says_why_once_in_the_printed_chain() {
+        let err = validate_id("../escape").unwrap_err();
+        let printed = format!("{:#}", anyhow::Error::new(err));
+        assert!(printed.starts_with("invalid container id: "), "{printed}");
+        assert_eq!(printed.matches("../escape").count(), 1, "{printed}");
     }
 }

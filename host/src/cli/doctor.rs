@@ -104,7 +104,11 @@ impl Facts {
         let config_source = Config::source();
         let (config, config_error) = match Config::load() {
             Ok(config) => (config, None),
-            Err(e) => (Config::default(), Some(e.to_string())),
+            // The whole chain: a file that cannot be read says why only in its source.
+            Err(e) => (
+                Config::default(),
+                Some(format!("{:#}", anyhow::Error::new(e))),
+            ),
         };
         let program = |name: &Path| {
             find_program(name).map(|path| Program {

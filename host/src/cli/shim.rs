@@ -12,6 +12,7 @@ use containerd_shim_protos::api::*;
 use containerd_shim_protos::shim_async::TaskClient;
 use containerd_shim_protos::ttrpc::context::{self, Context};
 use containerd_shim_protos::ttrpc::r#async::Client;
+use containerd_shim_protos::ttrpc::{self, Code};
 use containerd_shim_protos::types::task::Status;
 
 use super::containers::{Container, NAMESPACE};
@@ -25,7 +26,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
-    #[error("running {binary}: {source}")]
+    #[error("running {binary}")]
     Spawn {
         binary: PathBuf,
         #[source]
@@ -37,14 +38,31 @@ pub enum ShimError {
     CleanUp { status: String, stderr: String },
     #[error("container {0} has no shim address")]
     NoAddress(String),
-    #[error("connecting to the shim at {address}: {message}")]
-    Connect { address: String, message: String },
-    #[error("{request} {id}: {source}")]
-    Request {
+    #[error("connecting to the shim at {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("connecting to the shim at {address}: no answer within {PROBE_TIMEOUT:?}")]
+    ConnectTimeout { address: String },
+    /// The shim answered with an error status. Its code is printed by name
+    /// (`INVALID_ARGUMENT`), because ttrpc's own error prints the whole
+    /// `Status` message in its debug form.
+    #[error("{request} {id}: {code:?}: {message}")]
+    Rpc {
+        request: &'static str,
+        id: String,
+        code: Code,
+        message: String,
+    },
+    /// The request got no answer (the connection broke, or it timed out).
+    #[error("{request} {id} got no answer")]
+    Transport {
         request: &'static str,
         id: String,
         #[source]
-        source: containerd_shim_protos::ttrpc::Error,
+        source: ttrpc::Error,
     },
 }
 
@@ -131,9 +149,9 @@ impl Shim {
     pub async fn connect(id: &str, address: &str) -> Result<Shim, ShimError> {
         let client = Client::connect(address)
             .await
-            .map_err(|e| ShimError::Connect {
+            .map_err(|source| ShimError::Connect {
                 address: address.to_string(),
-                message: e.to_string(),
+                source,
             })?;
         Ok(Shim {
             id: id.to_string(),
@@ -148,22 +166,14 @@ impl Shim {
             .ok_or_else(|| ShimError::NoAddress(container.id.clone()))?;
         let shim = tokio::time::timeout(PROBE_TIMEOUT, Shim::connect(&container.id, &address))
             .await
-            .map_err(|_| ShimError::Connect {
+            .map_err(|_| ShimError::ConnectTimeout {
                 address: address.clone(),
-                message: "timed out".into(),
             })??;
         Ok(shim)
     }
 
-    fn failed(
-        &self,
-        request: &'static str,
-    ) -> impl FnOnce(containerd_shim_protos::ttrpc::Error) -> ShimError + '_ {
-        move |source| ShimError::Request {
-            request,
-            id: self.id.clone(),
-            source,
-        }
+    fn failed(&self, request: &'static str) -> impl FnOnce(ttrpc::Error) -> ShimError + '_ {
+        move |e| request_error(request, &self.id, e)
     }
 
     pub async fn create(&self, bundle: &Path, stdio: &StdioPaths) -> Result<u32, ShimError> {
@@ -271,6 +281,23 @@ impl Shim {
     }
 }
 
+/// `request` for container `id` failed with `e`: an answer or none.
+fn request_error(request: &'static str, id: &str, e: ttrpc::Error) -> ShimError {
+    match e {
+        ttrpc::Error::RpcStatus(status) => ShimError::Rpc {
+            request,
+            id: id.to_string(),
+            code: status.code(),
+            message: status.message().to_string(),
+        },
+        source => ShimError::Transport {
+            request,
+            id: id.to_string(),
+            source,
+        },
+    }
+}
+
 /// The FIFO paths a process's stdio goes through; empty means none.
 #[derive(Debug, Clone, Default)]
 pub struct StdioPaths {
@@ -289,5 +316,29 @@ pub fn status_name(state: &StateResponse) -> &'static str {
         Status::PAUSED => "PAUSED",
         Status::PAUSING => "PAUSING",
         Status::UNKNOWN => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_status_reads_as_the_code_name_and_the_message_once() {
+        let status = ttrpc::get_status(Code::INVALID_ARGUMENT, "executing /bin/nope: ENOENT");
+        let e = request_error("Start", "c1", ttrpc::Error::RpcStatus(status));
+        assert_eq!(
+            e.to_string(),
+            "Start c1: INVALID_ARGUMENT: executing /bin/nope: ENOENT"
+        );
+        assert!(std::error::Error::source(&e).is_none());
+    }
+
+    #[test]
+    fn no_answer_keeps_the_transport_error_as_its_source_only() {
+        let e = request_error("Wait", "c1", ttrpc::Error::Eof);
+        assert_eq!(e.to_string(), "Wait c1 got no answer");
+        let source = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("eof"));
     }
 }

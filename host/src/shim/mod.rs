@@ -128,7 +128,13 @@ fn sandbox_of_bundle(bundle: &Path, id: &str) -> anyhow::Result<String> {
 
 /// `start`: one shim server per sandbox. containerd-shim's `spawn` starts
 /// the server (or finds the sandbox's running one) and returns its address.
+///
+/// The configuration is loaded here first, though only the server uses it:
+/// containerd passes this action's stderr on to the user, while a server
+/// that fails to load it only reaches containerd's log, and containerd then
+/// reports just the address nobody serves.
 async fn start(flags: &Flags) -> anyhow::Result<()> {
+    Config::load()?;
     let bundle = bundle_dir(flags);
     let grouping = sandbox_of_bundle(&bundle, &flags.id)?;
     let opts = StartOpts {
