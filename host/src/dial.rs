@@ -27,7 +27,7 @@ pub enum Address {
 pub enum DialError {
     #[error("address {0:?} is not unix:///PATH, vsock://CID:PORT or hvsock://PATH:PORT")]
     BadAddress(String),
-    #[error("connecting to {address}: {source}")]
+    #[error("connecting to {address}")]
     Connect {
         address: String,
         #[source]

@@ -12,3 +12,20 @@ pub mod oci;
 pub mod rootfs;
 pub mod sandbox;
 pub mod shim;
+
+/// An error and each of its causes, `: `-separated, for a log line or a
+/// wire message: every layer says only its own part, and a transparent
+/// layer that repeats its cause's words is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = e.source();
+    }
+    message
+}

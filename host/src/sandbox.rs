@@ -22,7 +22,7 @@ const RECORD: &str = "sandbox.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox {id}: {source}")]
+    #[error("sandbox {id}")]
     Hypervisor {
         id: String,
         #[source]
@@ -30,13 +30,13 @@ pub enum SandboxError {
     },
     #[error("sandbox {id}: backend {backend} gave no agent address")]
     NoAddress { id: String, backend: &'static str },
-    #[error("sandbox {id}: {source}")]
+    #[error("sandbox {id}: its agent address")]
     Address {
         id: String,
         #[source]
         source: crate::dial::DialError,
     },
-    #[error("sandbox {id}: agent: {source}")]
+    #[error("sandbox {id}: agent")]
     Agent {
         id: String,
         #[source]
@@ -156,7 +156,11 @@ impl Sandbox {
             }
             Err(e) => {
                 if let Err(stop) = hypervisor.stop(grace).await {
-                    tracing::warn!(sandbox_id = id, error = %stop, "cleaning up after a failed start");
+                    tracing::warn!(
+                        sandbox_id = id,
+                        error = crate::error_chain(&stop),
+                        "cleaning up after a failed start"
+                    );
                 }
                 Err(e)
             }

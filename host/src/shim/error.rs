@@ -93,18 +93,7 @@ impl ShimError {
     /// The error and each of its causes, `: `-separated: what goes on the
     /// wire and into the log, so nobody sees a cause without its context.
     pub fn chain(&self) -> String {
-        let mut message = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(e) = cause {
-            let text = e.to_string();
-            // A transparent layer repeats its source's words; say them once.
-            if !message.ends_with(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            cause = e.source();
-        }
-        message
+        crate::error_chain(self)
     }
 
     /// An agent call for container `id` that failed.

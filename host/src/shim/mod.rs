@@ -157,7 +157,10 @@ async fn start(flags: &Flags) -> anyhow::Result<()> {
 fn delete(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags);
     let config = Config::load().unwrap_or_else(|e| {
-        eprintln!("containerd-shim-kestrel-v2: {e}; cleaning up with the defaults");
+        eprintln!(
+            "containerd-shim-kestrel-v2: {}; cleaning up with the defaults",
+            crate::error_chain(&e)
+        );
         Config::default()
     });
     let sandbox_id = sandbox_of_bundle(&bundle, &flags.id)?;

@@ -56,7 +56,11 @@ impl Pooled for Running {
 
     async fn stop(&self, id: &str) {
         if let Err(e) = self.sandbox.stop().await {
-            tracing::warn!(sandbox_id = id, error = %e, "stopping a sandbox");
+            tracing::warn!(
+                sandbox_id = id,
+                error = crate::error_chain(&e),
+                "stopping a sandbox"
+            );
         }
     }
 }
@@ -153,7 +157,7 @@ impl<T: Pooled> SandboxPool<T> {
                     }
                     drop(slots);
                     tx.send_replace(Some(
-                        booted.as_ref().map(Arc::clone).map_err(ToString::to_string),
+                        booted.as_ref().map(Arc::clone).map_err(ShimError::chain),
                     ));
                     return booted;
                 }
