@@ -5,12 +5,16 @@
 # then runs `kestrel image build` in it: the prerequisite check, the kernel
 # configure step and the whole kernel build, objtool included.
 #
-#   ./scripts/fresh-machine-check.sh [CHROOT_DIR]     # as root, after setup.sh
+#   ./scripts/fresh-machine-check.sh [DIR]     # as root, after setup.sh
 #
-# The mirror is the one this machine's apt already uses.
+# DIR/base keeps the bare debootstrap between runs; every run works on a
+# fresh copy of it in DIR/work. The mirror is the one this machine's apt
+# already uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=${1:-/var/tmp/kestrel-fresh}
+dir=${1:-/var/tmp/kestrel-fresh}
+base=$dir/base
+root=$dir/work
 
 export DEBIAN_FRONTEND=noninteractive
 command -v debootstrap >/dev/null || {
@@ -21,10 +25,12 @@ mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.so
 [ -n "$mirror" ] || mirror=$(sed -n 's/^deb \([^ ]*\) bookworm .*/\1/p' /etc/apt/sources.list 2>/dev/null | head -n1)
 [ -n "$mirror" ] || { echo "no bookworm mirror found in this machine's apt sources" >&2; exit 1; }
 
-if [ ! -x "$root/usr/bin/apt-get" ]; then
-    rm -rf "$root"
-    debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+if [ ! -x "$base/usr/bin/apt-get" ]; then
+    rm -rf "$base"
+    debootstrap --variant=minbase bookworm "$base" "$mirror" >/dev/null
 fi
+rm -rf "$root"
+cp -a "$base" "$root"
 
 mount_all() {
     mount -t proc proc "$root/proc"
@@ -53,4 +59,4 @@ chroot "$root" /opt/kestrel/scripts/install-packages.sh
 echo "== with scripts/packages.txt installed: kestrel image build"
 chroot "$root" /opt/kestrel/kestrel image build --agent /opt/kestrel/kestrel-agent \
     --out /tmp/img --jobs "$(nproc)"
-echo "fresh-machine check passed: $root"
+echo "fresh-machine check passed in $root"

@@ -13,6 +13,13 @@
 //! `containerd.task.v2.Task` and expects a bare address; v3 is a renamed
 //! copy of v2, so the one service is registered under both names and
 //! `start` prints a bare address, which containerd 2 also accepts.
+//!
+//! The rooms: [`task`] (the ttrpc Task service, conversions only),
+//! [`service`] (the runtime's Task operations), `pool` (sandboxes by id),
+//! `exits` (how exits are learned), `teardown` (Delete), `relist_view`
+//! (what the relister asks the agent), [`mount`] (the rootfs a container
+//! mounts on the host), [`stdio`] (FIFO copiers), [`publish`] (events to
+//! containerd) and [`error`] (every failure and its wire code).
 
 pub mod error;
 mod exits;
