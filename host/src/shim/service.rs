@@ -2,10 +2,10 @@
 //! registry, each in a sandbox, driven through the agent.
 //!
 //! The ttrpc layer ([`super::task`]) only converts; every rule lives here
-//! and in the rooms beside it: [`super::pool`] (sandboxes, booted and
-//! stopped without holding a lock), [`super::exits`] (how exits are
+//! and in the rooms beside it: `pool` (sandboxes, booted and
+//! stopped without holding a lock), `exits` (how exits are
 //! learned: WaitProcess, the guest's death, the relister),
-//! [`super::teardown`] (Delete) and [`super::error`] (wire codes). What a
+//! `teardown` (Delete) and [`super::error`] (wire codes). What a
 //! container owns (its rootfs mount, its processes' stdio copiers and exec
 //! specs) lives in its registry entry and ends with it. What the registry
 //! guarantees (State during teardown answers STOPPED with the real exit)
