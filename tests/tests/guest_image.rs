@@ -268,7 +268,7 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
         };
         let address = Address::Hvsock {
             path: hybrid.clone(),
-            port: 1024,
+            port: kestrel_protocols::AGENT_VSOCK_PORT,
         };
         let client = dial(&address, policy).await.unwrap_or_else(|e| {
             panic!(

@@ -169,8 +169,8 @@ impl Child {
     }
 }
 
-/// The vsock port the agent listens on.
-pub(crate) const AGENT_PORT: u32 = 1024;
+/// The vsock port the agent listens on in the guest.
+pub(crate) const AGENT_PORT: u32 = kestrel_protocols::AGENT_VSOCK_PORT;
 
 /// The hybrid vsock socket of a VM sandbox: the host's side of the guest's
 /// vsock device, in the sandbox's state directory.
