@@ -3,7 +3,7 @@
 //! CLI and to the agent, are refused, and a directory of that name outside
 //! the state directory survives every step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use kestrel_tests::shim::bundle_with;
@@ -34,6 +34,16 @@ impl Scene {
 
     fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A bundle running `true` in a busybox rootfs, with `annotations`
+    /// (rewritten on each call; the rootfs is made once).
+    fn bundle(&self, annotations: serde_json::Value) -> PathBuf {
+        let mut rootfs = self.path().join("rootfs");
+        if !rootfs.exists() {
+            rootfs = busybox_rootfs(self.path());
+        }
+        bundle_with(self.path(), "bundle", &rootfs, &["true"], annotations)
     }
 
     /// The ids that name the victim or something beside it.
@@ -92,14 +102,7 @@ fn refused(output: &Output, step: &str, needle: &str) {
 #[test]
 fn shim_start_and_delete_refuse_ids_that_are_paths() {
     let scene = Scene::new();
-    let rootfs = busybox_rootfs(scene.path());
-    let bundle = bundle_with(
-        scene.path(),
-        "bundle",
-        &rootfs,
-        &["true"],
-        serde_json::json!({}),
-    );
+    let bundle = scene.bundle(serde_json::json!({}));
     for id in scene.bad_ids() {
         for action in ["delete", "start"] {
             let out = scene.shim("default", &id, &bundle, action);
@@ -124,15 +127,8 @@ fn shim_start_and_delete_refuse_ids_that_are_paths() {
 #[test]
 fn shim_start_and_delete_refuse_a_sandbox_id_annotation_that_is_a_path() {
     let scene = Scene::new();
-    let rootfs = busybox_rootfs(scene.path());
     for sandbox in scene.bad_ids().into_iter().filter(|id| !id.is_empty()) {
-        let bundle = bundle_with(
-            scene.path(),
-            "bundle",
-            &rootfs,
-            &["true"],
-            serde_json::json!({ "io.kubernetes.cri.sandbox-id": sandbox }),
-        );
+        let bundle = scene.bundle(serde_json::json!({ "io.kubernetes.cri.sandbox-id": sandbox }));
         for action in ["delete", "start"] {
             let out = scene.shim("default", "c1", &bundle, action);
             refused(
@@ -148,14 +144,7 @@ fn shim_start_and_delete_refuse_a_sandbox_id_annotation_that_is_a_path() {
 #[test]
 fn shim_delete_leaves_a_state_directory_it_did_not_make() {
     let scene = Scene::new();
-    let rootfs = busybox_rootfs(scene.path());
-    let bundle = bundle_with(
-        scene.path(),
-        "bundle",
-        &rootfs,
-        &["true"],
-        serde_json::json!({}),
-    );
+    let bundle = scene.bundle(serde_json::json!({}));
     // A valid id whose directory under the state dir was not made by us.
     let foreign = scene.path().join("state/c1");
     std::fs::create_dir_all(&foreign).unwrap();
