@@ -96,6 +96,23 @@ fn force_deletes_of_vm_containers_under_150_task_ls_loops_never_lose_one() {
     }
     assert_eq!(qemus(&c).len(), 6, "one VM per container");
     c.force_delete_under_task_ls_load(&ids);
+    // The shim's log (in containerd's) says how each QEMU ended and names
+    // every kill: a SIGKILL that lands while QEMU is already exiting leaves
+    // its exit status 0, so the status alone cannot prove there was none.
+    let log = c.log_text();
+    let kills: Vec<&str> = log.lines().filter(|l| l.contains("killing qemu")).collect();
+    assert_eq!(kills, Vec::<&str>::new(), "QEMU was killed");
+    for id in &ids {
+        let sandbox = format!("sandbox_id=\\\"{id}\\\"");
+        let ended: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("msg=\"qemu ended ") && l.contains(&sandbox))
+            .collect();
+        assert!(
+            ended.len() == 1 && ended[0].contains("exit=exited with status 0"),
+            "{id}'s QEMU ended by itself, with status 0: {ended:#?}"
+        );
+    }
 }
 
 #[test]

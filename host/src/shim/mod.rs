@@ -42,6 +42,7 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim_async::create_task;
 use containerd_shim_protos::ttrpc::r#async::Server;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::lifecycle::events::EventStream;
@@ -215,7 +216,8 @@ fn is_mount_point(path: &Path) -> bool {
         .any(|mount_point| mount_point == wanted)
 }
 
-/// The server: serve the Task API on `-socket` until Shutdown.
+/// The server: serve the Task API on `-socket` until Shutdown, SIGTERM or
+/// SIGINT, then stop every sandbox and remove the socket.
 async fn serve(flags: &Flags) -> anyhow::Result<()> {
     if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
     {
@@ -232,6 +234,11 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         signal_started();
         return Ok(());
     };
+    // Before anyone can know we are up: a SIGTERM (containerd, systemd, an
+    // admin) must take the path Shutdown takes, not the default one that
+    // leaves the socket and the sandboxes' VMs behind.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
 
     let (events, rx) = EventStream::new();
     let flush = Arc::new(tokio::sync::Notify::new());
@@ -253,8 +260,12 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     signal_started();
     tracing::info!(socket, "shim serving");
 
-    exit.wait().await;
-    tracing::info!("shim shutting down");
+    let why = tokio::select! {
+        _ = exit.wait() => "Shutdown",
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(on = why, "shim shutting down");
     // First the socket: a `start` for this sandbox from now on must spawn a
     // new shim rather than reuse this one.
     let _ = std::fs::remove_file(&socket);

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -71,6 +71,8 @@ pub(crate) fn kernel_cmdline(vm: &VmSpec) -> String {
 pub(crate) struct Child {
     name: &'static str,
     pid: Mutex<Option<u32>>,
+    /// The sandbox it runs for, known once spawned: kills name it.
+    sandbox_id: OnceLock<String>,
     exit_tx: watch::Sender<Option<GuestExit>>,
 }
 
@@ -79,6 +81,7 @@ impl Child {
         Child {
             name,
             pid: Mutex::new(None),
+            sandbox_id: OnceLock::new(),
             exit_tx: watch::channel(None).0,
         }
     }
@@ -105,6 +108,7 @@ impl Child {
                 source,
             })?;
         *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
+        let _ = self.sandbox_id.set(sandbox_id.to_string());
         let exit_tx = self.exit_tx.clone();
         let (name, sandbox_id) = (self.name, sandbox_id.to_string());
         tokio::spawn(async move {
@@ -150,6 +154,19 @@ impl Child {
         }
     }
 
+    /// SIGKILLs the process, logging `why`: a kill is never silent, so the
+    /// log tells a guest that ended by itself from one we killed (a kill
+    /// can land while the process is already exiting and leave no trace in
+    /// its exit status).
+    pub fn kill(&self, why: &str) {
+        if self.has_exited() {
+            return;
+        }
+        let sandbox_id = self.sandbox_id.get().map_or("", String::as_str);
+        tracing::warn!(sandbox_id, "killing {}: {why}", self.name);
+        self.signal(Signal::SIGKILL);
+    }
+
     /// Waits for the exit until `deadline`, then kills. `polite`, if any,
     /// is sent first. Returns how it ended (`None` if it never started).
     pub async fn stop(&self, polite: Option<Signal>, deadline: Instant) -> Option<GuestExit> {
@@ -161,8 +178,7 @@ impl Child {
         match tokio::time::timeout_at(deadline, wait_exit(watch.clone())).await {
             Ok(exit) => exit,
             Err(_) => {
-                tracing::warn!("{} did not stop in time; killing it", self.name);
-                self.signal(Signal::SIGKILL);
+                self.kill("it did not stop in time");
                 wait_exit(watch).await
             }
         }

@@ -11,6 +11,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +30,12 @@ const NAME: &str = super::Backend::Qemu.name();
 const BACKEND_READY: Duration = Duration::from_secs(5);
 /// How long the vhost-user backend gets to leave after QEMU is gone.
 const BACKEND_GRACE: Duration = Duration::from_secs(1);
+/// How long QEMU may take to finish exiting after its vsock backend left.
+/// QEMU closes the vhost-user socket in its exit path just before
+/// `exit_group`, and the kernel then needs a while to tear down its guest
+/// memory and threads (8 ms on an idle host, hundreds under load), so the
+/// backend is often seen gone first.
+const QEMU_LEAVING: Duration = Duration::from_secs(2);
 
 /// What the QEMU backend runs.
 #[derive(Debug, Clone)]
@@ -55,8 +62,10 @@ struct Prepared {
 pub struct Qemu {
     options: QemuOptions,
     prepared: Option<Prepared>,
-    qemu: Child,
+    qemu: Arc<Child>,
     backend: Child,
+    /// Set once `stop` began: from then on the backend's exit is expected.
+    stopping: watch::Sender<bool>,
 }
 
 impl Qemu {
@@ -64,8 +73,9 @@ impl Qemu {
         Qemu {
             options,
             prepared: None,
-            qemu: Child::new("qemu"),
+            qemu: Arc::new(Child::new("qemu")),
             backend: Child::new("vhost-user vsock backend"),
+            stopping: watch::channel(false).0,
         }
     }
 }
@@ -205,7 +215,8 @@ impl Hypervisor for Qemu {
                 });
             }
             if Instant::now() > ready_by {
-                self.backend.signal(Signal::SIGKILL);
+                self.backend
+                    .kill("its vhost-user socket did not appear in time");
                 return Err(io_err(
                     "waiting for the vhost-user backend's socket",
                     &socket,
@@ -217,29 +228,15 @@ impl Hypervisor for Qemu {
             .qemu
             .spawn(&p.spec.id, &qemu_command(p, vm), &dir.join("vmm.log"))
         {
-            self.backend.signal(Signal::SIGKILL);
+            self.backend.kill("QEMU did not start");
             return Err(e);
         }
-        // Without its vsock backend the guest is unreachable: treat the
-        // backend's death as the sandbox's, as the agent's would be.
-        let mut backend_exit = self.backend.exit_watch();
-        let qemu_pid = self.qemu.pid();
-        let mut qemu_exit = self.qemu.exit_watch();
-        let qemu_ended = self.qemu.exit_watch();
-        let sandbox_id = p.spec.id.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = backend_exit.wait_for(Option::is_some) => {
-                    if qemu_ended.borrow().is_none() {
-                        tracing::error!(sandbox_id, "the vsock backend died; stopping QEMU");
-                        if let Some(pid) = qemu_pid.and_then(|p| i32::try_from(p).ok()) {
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-                        }
-                    }
-                }
-                _ = qemu_exit.wait_for(Option::is_some) => {}
-            }
-        });
+        tokio::spawn(watch_backend(
+            p.spec.id.clone(),
+            self.backend.exit_watch(),
+            Arc::clone(&self.qemu),
+            self.stopping.subscribe(),
+        ));
         Ok(())
     }
 
@@ -265,6 +262,7 @@ impl Hypervisor for Qemu {
         };
         // QEMU first: it complains when its backend vanishes under it. The
         // backend then sees the disconnect and leaves on its own.
+        self.stopping.send_replace(true);
         let exit = self
             .qemu
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
@@ -275,6 +273,53 @@ impl Hypervisor for Qemu {
         crate::state_dir::remove(&p.spec.state_dir)?;
         Ok(exit)
     }
+}
+
+/// Without its vsock backend the guest is unreachable: a backend that dies
+/// under a running QEMU takes QEMU down, as the agent's death would.
+///
+/// The backend also leaves, with status 0, whenever QEMU hangs up on it,
+/// and QEMU does that while it exits (the guest powered off, or `stop`
+/// sent SIGTERM) but before its own exit is seen; so the backend's exit is
+/// a death only when `stop` has not begun and QEMU is still there
+/// [`QEMU_LEAVING`] later.
+async fn watch_backend(
+    sandbox_id: String,
+    mut backend_exit: watch::Receiver<Option<GuestExit>>,
+    qemu: Arc<Child>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut qemu_exit = qemu.exit_watch();
+    // Each wait also ends if its sender is gone: nothing left to watch.
+    let backend = tokio::select! {
+        exit = backend_exit.wait_for(Option::is_some) => match exit.map(|exit| *exit) {
+            Ok(Some(exit)) => exit,
+            _ => return,
+        },
+        _ = qemu_exit.wait_for(Option::is_some) => return,
+        _ = stopping.wait_for(|stopping| *stopping) => return,
+    };
+    let expected = tokio::time::timeout(QEMU_LEAVING, async {
+        tokio::select! {
+            _ = qemu_exit.wait_for(Option::is_some) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => {}
+        }
+    })
+    .await;
+    if expected.is_ok() {
+        tracing::info!(
+            sandbox_id,
+            backend_exit = %backend,
+            "the vsock backend left with QEMU"
+        );
+        return;
+    }
+    tracing::error!(
+        sandbox_id,
+        backend_exit = %backend,
+        "the vsock backend died under a running QEMU; stopping QEMU"
+    );
+    qemu.kill("its vsock backend died");
 }
 
 #[cfg(test)]
