@@ -136,10 +136,7 @@ impl Containerd {
         let log = self.log_text();
         assert!(!log.contains("failed to find container"), "{log}");
         assert!(!log.contains("get state for"), "{log}");
-        let errors: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("level=error") && !peer_hung_up(l))
-            .collect();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("level=error")).collect();
         assert_eq!(errors, Vec::<&str>::new(), "errors in containerd's log");
         self.assert_nothing_left();
     }
@@ -279,15 +276,6 @@ impl Containerd {
         }
         found
     }
-}
-
-/// Whether a log line is ttrpc-rust's, from a shim's server, about a reply
-/// it could not write because containerd had already closed the connection
-/// (seen under the `ctr task ls` load while shims exit). The library logs
-/// that at error level; it says nothing about how a sandbox was torn down.
-fn peer_hung_up(line: &str) -> bool {
-    line.contains("msg=\"write_message got error: Socket(\\\"Broken pipe")
-        || (line.contains("msg=\"respond failed for stream ") && line.contains("channel closed"))
 }
 
 /// Background `ctr task ls` loops; killed (with their ctr) on drop.

@@ -23,6 +23,7 @@
 
 pub mod error;
 mod exits;
+mod logging;
 pub mod mount;
 mod pool;
 pub mod publish;
@@ -219,8 +220,7 @@ fn is_mount_point(path: &Path) -> bool {
 /// The server: serve the Task API on `-socket` until Shutdown, SIGTERM or
 /// SIGINT, then stop every sandbox and remove the socket.
 async fn serve(flags: &Flags) -> anyhow::Result<()> {
-    if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
-    {
+    if let Err(e) = logging::init(flags.debug) {
         eprintln!("containerd-shim-kestrel-v2: no log FIFO ({e}); logging to stderr");
     }
     let config = Config::load()?;
