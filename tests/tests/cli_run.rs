@@ -332,6 +332,24 @@ impl Events {
             .expect("an event line")
     }
 
+    /// The next `count` lines' events, with the exec and exit status if any.
+    fn next_events(&self, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|_| {
+                let (_, event) = self.next();
+                let field = |name: &str| event[name].as_str().unwrap_or("?").to_string();
+                let mut summary = format!("{} {}", field("id"), field("event"));
+                if let Some(exec_id) = event["exec_id"].as_str() {
+                    summary += &format!(" exec={exec_id}");
+                }
+                if let Some(status) = event["exit_status"].as_u64() {
+                    summary += &format!(" status={status}");
+                }
+                summary
+            })
+            .collect()
+    }
+
     /// SIGINT, as Ctrl-C: it exits with success.
     fn stop(mut self) {
         let _ = nix::sys::signal::kill(
@@ -405,6 +423,42 @@ fn events_json_prints_create_start_exit_delete_in_order_the_exit_within_a_second
         delay < Duration::from_secs(1),
         "exit printed {delay:?} after"
     );
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn events_started_after_the_shim_each_see_its_exec_exit_and_delete() {
+    let test = "events_started_after_the_shim_each_see_its_exec_exit_and_delete";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "d1", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    // The shim has lived on without a listener; two start listening now.
+    let (first, second) = (Events::start(&cli), Events::start(&cli));
+
+    let out = cli.output(&["exec", "d1", "--", "sh", "-c", "exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let out = cli.output(&["rm", "-f", "d1"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+
+    for events in [first, second] {
+        let seen = events.next_events(5);
+        let exec_id = seen[0].rsplit_once("exec=").map(|(_, id)| id.to_string());
+        let exec_id = exec_id.unwrap_or_else(|| panic!("no exec first: {seen:?}"));
+        assert_eq!(
+            seen,
+            [
+                format!("d1 exec-added exec={exec_id}"),
+                format!("d1 exec-started exec={exec_id}"),
+                format!("d1 exit exec={exec_id} status=5"),
+                "d1 exit status=137".to_string(),
+                "d1 delete".to_string(),
+            ]
+        );
+        events.stop();
+    }
     cli.assert_no_processes_left();
 }
 
