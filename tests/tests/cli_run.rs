@@ -303,44 +303,180 @@ fn interactive_stdin_reaches_the_container_and_ends_at_eof() {
     cli.assert_no_processes_left();
 }
 
+/// A running `kestrel events --json`, its lines read as they come.
+struct Events {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<(Instant, serde_json::Value)>,
+}
+
+impl Events {
+    /// Starts it and returns once its socket is there for shims to find.
+    fn start(cli: &Cli) -> Events {
+        let mut child = cli
+            .command(&["events", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kestrel events");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let line = line.expect("read");
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if tx.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        let socket = cli.root().join(format!(".events/{}.sock", child.id()));
+        // Made first, so that a panic below still kills it.
+        let events = Events { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        events
+    }
+
+    /// The next line and when it arrived.
+    fn next(&self) -> (Instant, serde_json::Value) {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an event line")
+    }
+
+    /// The next `count` lines' events, with the exec and exit status if any.
+    fn next_events(&self, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|_| {
+                let (_, event) = self.next();
+                let field = |name: &str| event[name].as_str().unwrap_or("?").to_string();
+                let mut summary = format!("{} {}", field("id"), field("event"));
+                if let Some(exec_id) = event["exec_id"].as_str() {
+                    summary += &format!(" exec={exec_id}");
+                }
+                if let Some(status) = event["exit_status"].as_u64() {
+                    summary += &format!(" status={status}");
+                }
+                summary
+            })
+            .collect()
+    }
+
+    /// SIGINT, as Ctrl-C: it exits with success.
+    fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
-fn events_json_reports_a_container_starting_and_dying() {
-    let test = "events_json_reports_a_container_starting_and_dying";
+fn events_json_prints_create_start_exit_delete_in_order_the_exit_within_a_second() {
+    let test = "events_json_prints_create_start_exit_delete_in_order_the_exit_within_a_second";
     if !require(test) {
         return;
     }
     let cli = Cli::new("");
-    std::fs::create_dir_all(cli.root()).unwrap();
-    let mut events = cli
-        .command(&["events", "--json"])
-        .stdout(Stdio::piped())
+    let events = Events::start(&cli);
+    // The container exits soon after the test creates /go, not before.
+    let go = cli.rootfs.join("go");
+    let script = "while [ ! -e /go ]; do sleep 0.05; done; exit 3";
+    let rootfs = cli.rootfs.to_str().unwrap();
+    let run = cli
+        .command(&[
+            "run",
+            "--hypervisor",
+            "process",
+            "--rm",
+            "--rootfs",
+            rootfs,
+            "e1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("kestrel events");
-    std::thread::sleep(Duration::from_millis(300));
-    let out = cli.run(&[], "e1", &["sh", "-c", "sleep 0.5; exit 4"]);
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    assert!(cli.output(&["rm", "e1"]).status.success());
+        .expect("kestrel run");
 
-    let mut lines = BufReader::new(events.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let line = lines.next().expect("an event line").expect("read");
-        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
-        assert_eq!(event["id"], "e1");
-        seen.push(event);
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(events.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let status = events.wait().unwrap();
-    assert!(status.success());
-    assert_eq!(seen[0]["event"], "started");
+    // Create and start, while the container waits for /go.
+    let mut seen = vec![events.next(), events.next()];
+    std::fs::write(&go, "").unwrap();
+    let released = Instant::now();
+    seen.push(events.next());
+    seen.push(events.next());
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    events.stop();
+
+    let names: Vec<_> = seen.iter().map(|(_, e)| e["event"].clone()).collect();
+    assert_eq!(names, ["create", "start", "exit", "delete"]);
+    assert!(seen.iter().all(|(_, e)| e["id"] == "e1"), "{seen:?}");
+    let (exit_seen, exit) = &seen[2];
     assert_eq!(
-        (&seen[1]["event"], &seen[1]["exit"]),
-        (&"died".into(), &4.into())
+        (&exit["exit_status"], &exit["exit"]),
+        (&3.into(), &3.into())
     );
-    assert_eq!(seen[2]["event"], "removed");
+    // The container exits after `released`, so this bounds the delay from
+    // its exit from above.
+    let delay = exit_seen.duration_since(released);
+    assert!(
+        delay < Duration::from_secs(1),
+        "exit printed {delay:?} after"
+    );
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn events_started_after_the_shim_each_see_its_exec_exit_and_delete() {
+    let test = "events_started_after_the_shim_each_see_its_exec_exit_and_delete";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "d1", &["sleep", "1000"]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    // The shim has lived on without a listener; two start listening now.
+    let (first, second) = (Events::start(&cli), Events::start(&cli));
+
+    let out = cli.output(&["exec", "d1", "--", "sh", "-c", "exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let out = cli.output(&["rm", "-f", "d1"]);
+    assert!(out.status.success(), "rm: {}", text(&out.stderr));
+
+    for events in [first, second] {
+        let seen = events.next_events(5);
+        let exec_id = seen[0].rsplit_once("exec=").map(|(_, id)| id.to_string());
+        let exec_id = exec_id.unwrap_or_else(|| panic!("no exec first: {seen:?}"));
+        assert_eq!(
+            seen,
+            [
+                format!("d1 exec-added exec={exec_id}"),
+                format!("d1 exec-started exec={exec_id}"),
+                format!("d1 exit exec={exec_id} status=5"),
+                "d1 exit status=137".to_string(),
+                "d1 delete".to_string(),
+            ]
+        );
+        events.stop();
+    }
     cli.assert_no_processes_left();
 }
 

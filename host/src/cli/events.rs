@@ -1,20 +1,39 @@
-//! `kestrel events`: lifecycle changes of the CLI's containers, found by
-//! asking every shim for its container's state every 200 ms and printing
-//! what changed. A container that starts and dies between two looks shows
-//! as started then died.
+//! `kestrel events`: the lifecycle events of the CLI's containers as their
+//! shims publish them, each shim's in the order it emitted them.
+//!
+//! Each `kestrel events` serves containerd's Events API on a socket of its
+//! own in [`listeners_dir`], and every shim the CLI starts forwards each of
+//! its events to every socket there (`kestrel_host::shim::publish`). So any
+//! number can run at once and each prints every event published while it
+//! listens; one published while none listens is dropped by the shim, since
+//! nobody would ever ask for it.
 
-use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use async_trait::async_trait;
 use clap::Args;
+use containerd_shim_protos::events::task::*;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim::event::Envelope;
+use containerd_shim_protos::shim::events::ForwardRequest;
+use containerd_shim_protos::shim_async::{create_events, Events};
+use containerd_shim_protos::ttrpc;
+use containerd_shim_protos::ttrpc::r#async::transport::Listener;
+use containerd_shim_protos::ttrpc::r#async::{Server, TtrpcContext};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
-use super::containers::Container;
-use super::ps::{row, Row};
+use super::containers;
+use kestrel_host::shim::publish::LISTENER_EXTENSION;
 
-const PERIOD: Duration = Duration::from_millis(200);
+/// How long a listener socket may take to accept before we leave it be.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Args, Debug)]
 pub struct EventsArgs {
@@ -23,94 +42,224 @@ pub struct EventsArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Change {
-    Started,
-    Died(Option<u32>),
-    Removed,
-}
-
-/// The changes from `before` to `now` of one container.
-fn changes(before: Option<&Row>, now: Option<&Row>) -> Vec<Change> {
-    let running = |r: Option<&Row>| r.is_some_and(|r| r.status == "RUNNING");
-    let stopped = |r: Option<&Row>| r.is_some_and(|r| r.status == "STOPPED");
-    let mut out = Vec::new();
-    match now {
-        None => {
-            if before.is_some() {
-                out.push(Change::Removed);
-            }
-        }
-        Some(row) => {
-            let was_up = running(before) || stopped(before);
-            if (running(now) || stopped(now)) && !was_up {
-                out.push(Change::Started);
-            }
-            if stopped(now) && !stopped(before) {
-                out.push(Change::Died(row.exit));
-            }
-        }
-    }
-    out
+/// Where the listeners' sockets are: a directory under the CLI root whose
+/// name is no valid container id, so that no container can take it and
+/// `ps` never lists it. Absolute, since shims run in their container's
+/// directory and a relative `$KESTREL_CLI_ROOT` would lead them astray.
+pub fn listeners_dir() -> PathBuf {
+    let dir = containers::root().join(".events");
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 pub async fn run(args: EventsArgs) -> Result<ExitCode> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut known = snapshot().await?;
-    let mut tick = tokio::time::interval(PERIOD);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let listening = Listening::start(&listeners_dir(), tx).await?;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
-            _ = terminate.recv() => return Ok(ExitCode::SUCCESS),
+            Some(envelope) = rx.recv() => print(&envelope, args.json),
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
         }
-        let now = snapshot().await?;
-        let ids: std::collections::BTreeSet<&String> = known.keys().chain(now.keys()).collect();
-        for id in ids {
-            for change in changes(known.get(id), now.get(id)) {
-                print(&args, id, change);
+    }
+    listening.stop().await;
+    // A shim whose Forward was answered counts on the event being printed.
+    while let Ok(envelope) = rx.try_recv() {
+        print(&envelope, args.json);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hands every event a shim forwards to the printer. It answers at once
+/// rather than after printing: a shim waits for the answer before its next
+/// event, and a reader who paused our output must not stall the shims.
+struct Inbox(mpsc::UnboundedSender<Envelope>);
+
+#[async_trait]
+impl Events for Inbox {
+    async fn forward(&self, _ctx: &TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
+        if let Some(envelope) = req.envelope.into_option() {
+            // Fails only once we stopped printing: nothing to do about it.
+            let _ = self.0.send(envelope);
+        }
+        Ok(Empty::new())
+    }
+}
+
+/// Our socket in the listeners' directory and the server behind it.
+struct Listening {
+    path: PathBuf,
+    server: Server,
+}
+
+impl Listening {
+    async fn start(dir: &Path, inbox: mpsc::UnboundedSender<Envelope>) -> Result<Listening> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        remove_dead_listeners(dir).await;
+        let path = dir.join(format!("{}.{LISTENER_EXTENSION}", std::process::id()));
+        // Only a dead process with our pid can have left it.
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        let mut server = Server::new()
+            .add_listener(Listener::try_from(socket)?)
+            .register_service(create_events(Arc::new(Inbox(inbox))));
+        server.start().await?;
+        Ok(Listening { path, server })
+    }
+
+    async fn stop(mut self) {
+        // The socket first, so that shims stop sending to us.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.server.shutdown().await;
+    }
+}
+
+/// Removes the sockets that `kestrel events` killed outright left behind:
+/// shims would keep trying each one, if only for nothing.
+async fn remove_dead_listeners(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(Result::ok).map(|entry| entry.path()) {
+        if path.extension().is_none_or(|ext| ext != LISTENER_EXTENSION) {
+            continue;
+        }
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::UnixStream::connect(&path));
+        if let Ok(Err(e)) = probe.await {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                let _ = std::fs::remove_file(&path);
             }
         }
-        known = now;
     }
 }
 
-async fn snapshot() -> Result<BTreeMap<String, Row>> {
-    let mut rows = BTreeMap::new();
-    for container in Container::list()? {
-        rows.insert(container.id.clone(), row(&container).await);
-    }
-    Ok(rows)
+/// One event as we print it.
+#[derive(Debug, Clone, PartialEq)]
+struct Record {
+    time: SystemTime,
+    /// The container's id.
+    id: String,
+    /// The topic's last part: create, start, exit, delete, exec-added, ...
+    event: String,
+    /// The exec the event is about, if it is not about the init process.
+    exec_id: Option<String>,
+    exit_status: Option<u32>,
 }
 
-fn print(args: &EventsArgs, id: &str, change: Change) {
-    let time = utc_now();
-    let (event, exit) = match change {
-        Change::Started => ("started", None),
-        Change::Died(exit) => ("died", exit),
-        Change::Removed => ("removed", None),
-    };
-    if args.json {
-        let mut object = serde_json::json!({"time": time, "id": id, "event": event});
-        if let Some(exit) = exit {
-            object["exit"] = exit.into();
+/// The record of an envelope a shim forwarded; `None` for a topic we do
+/// not know or a payload that does not parse.
+fn decode(envelope: &Envelope) -> Option<Record> {
+    let event = envelope.topic.strip_prefix("/tasks/")?;
+    let value = &envelope.event.as_ref()?.value;
+    let (id, exec_id, exit_status) = match event {
+        "create" => (
+            TaskCreate::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        "start" => (
+            TaskStart::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        "exit" => {
+            let exit = TaskExit::parse_from_bytes(value).ok()?;
+            // containerd names an init's exit after its container.
+            let exec_id = (exit.id != exit.container_id).then_some(exit.id);
+            (exit.container_id, exec_id, Some(exit.exit_status))
         }
-        println!("{object}");
-    } else if let Some(exit) = exit {
-        println!("{time} {id} {event} (exit {exit})");
-    } else if change == Change::Died(None) {
-        println!("{time} {id} died");
-    } else {
-        println!("{time} {id} {event}");
+        "delete" => (
+            TaskDelete::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        "exec-added" => {
+            let added = TaskExecAdded::parse_from_bytes(value).ok()?;
+            (added.container_id, Some(added.exec_id), None)
+        }
+        "exec-started" => {
+            let started = TaskExecStarted::parse_from_bytes(value).ok()?;
+            (started.container_id, Some(started.exec_id), None)
+        }
+        "oom" => (
+            TaskOOM::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        "paused" => (
+            TaskPaused::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        "resumed" => (
+            TaskResumed::parse_from_bytes(value).ok()?.container_id,
+            None,
+            None,
+        ),
+        _ => return None,
+    };
+    let time = envelope
+        .timestamp
+        .as_ref()
+        .and_then(system_time)
+        .unwrap_or_else(SystemTime::now);
+    Some(Record {
+        time,
+        id,
+        event: event.to_string(),
+        exec_id,
+        exit_status,
+    })
+}
+
+fn system_time(at: &Timestamp) -> Option<SystemTime> {
+    let since = Duration::new(
+        u64::try_from(at.seconds).ok()?,
+        u32::try_from(at.nanos).ok()?,
+    );
+    UNIX_EPOCH.checked_add(since)
+}
+
+fn print(envelope: &Envelope, json: bool) {
+    match decode(envelope) {
+        Some(record) => println!("{}", line(&record, json)),
+        None => eprintln!(
+            "kestrel events: skipping an event on topic {:?}",
+            envelope.topic
+        ),
     }
 }
 
-/// Now as RFC 3339 UTC with milliseconds.
-fn utc_now() -> String {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+fn line(record: &Record, json: bool) -> String {
+    let time = rfc3339(record.time);
+    let Record { id, event, .. } = record;
+    if json {
+        let mut object = serde_json::json!({"time": time, "id": id, "event": event});
+        if let Some(exec_id) = &record.exec_id {
+            object["exec_id"] = exec_id.as_str().into();
+        }
+        if let Some(status) = record.exit_status {
+            object["exit_status"] = status.into();
+            // The name the output had before it carried the shims' events.
+            object["exit"] = status.into();
+        }
+        return object.to_string();
+    }
+    let mut line = format!("{time} {id} {event}");
+    if let Some(exec_id) = &record.exec_id {
+        line.push_str(&format!(" exec {exec_id}"));
+    }
+    if let Some(status) = record.exit_status {
+        line.push_str(&format!(" (exit {status})"));
+    }
+    line
+}
+
+/// `at` as RFC 3339 UTC with milliseconds.
+fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Howard Hinnant's days-to-civil, for days since 1970-01-01.
@@ -135,35 +284,79 @@ fn utc_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kestrel_host::lifecycle::events::Event;
+    use kestrel_host::lifecycle::state::Exit;
+    use kestrel_host::shim::publish::envelope;
 
-    fn row(status: &str, exit: Option<u32>) -> Row {
-        Row {
-            id: "c".into(),
-            status: status.into(),
-            pid: 1,
-            exit,
-            image: String::new(),
-            sandbox_health: None,
-        }
+    fn record_of(event: Event) -> Record {
+        let req = envelope("kestrel", &event).expect("encodes");
+        decode(req.envelope.as_ref().expect("an envelope")).expect("decodes")
     }
 
     #[test]
-    fn a_container_that_ran_and_died_between_looks_shows_both() {
-        let now = row("STOPPED", Some(3));
+    fn an_init_exit_reads_back_with_its_container_and_status() {
+        let record = record_of(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            pid: 42,
+            exit: Exit::now(3),
+        });
+        assert_eq!((record.id.as_str(), record.event.as_str()), ("c1", "exit"));
+        assert_eq!((record.exec_id, record.exit_status), (None, Some(3)));
+    }
+
+    #[test]
+    fn an_exec_exit_names_the_exec() {
+        let record = record_of(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: "e1".into(),
+            pid: 43,
+            exit: Exit::now(5),
+        });
+        assert_eq!(record.exec_id.as_deref(), Some("e1"));
+        let text = line(&record, false);
+        assert!(text.ends_with(" c1 exit exec e1 (exit 5)"), "{text}");
+    }
+
+    #[test]
+    fn json_lines_keep_the_old_fields_and_add_the_exit_status() {
+        let record = Record {
+            time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            id: "c1".into(),
+            event: "exit".into(),
+            exec_id: None,
+            exit_status: Some(3),
+        };
+        let object: serde_json::Value = serde_json::from_str(&line(&record, true)).unwrap();
         assert_eq!(
-            changes(None, Some(&now)),
-            vec![Change::Started, Change::Died(Some(3))]
+            object,
+            serde_json::json!({
+                "time": "2023-11-14T22:13:20.123Z",
+                "id": "c1",
+                "event": "exit",
+                "exit": 3,
+                "exit_status": 3,
+            })
         );
     }
 
     #[test]
-    fn a_running_container_that_stops_died_once() {
-        let (before, now) = (row("RUNNING", None), row("STOPPED", Some(143)));
+    fn a_topic_we_do_not_know_is_skipped() {
+        let mut req = envelope(
+            "kestrel",
+            &Event::Paused {
+                container_id: "c1".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(
-            changes(Some(&before), Some(&now)),
-            vec![Change::Died(Some(143))]
+            record_of(Event::Paused {
+                container_id: "c1".into()
+            })
+            .event,
+            "paused"
         );
-        assert!(changes(Some(&now), Some(&now)).is_empty());
-        assert_eq!(changes(Some(&now), None), vec![Change::Removed]);
+        req.envelope.mut_or_insert_default().topic = "/snapshot/prepare".into();
+        assert_eq!(decode(req.envelope.as_ref().unwrap()), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Starting a container's shim the way containerd does and talking to its
 //! Task API. There is no containerd: `-address` names a socket nobody
-//! serves, and with `TTRPC_ADDRESS` unset the shim's event forwarder fails
-//! to connect, backs off and drops each event (it never blocks the Task API).
+//! serves, and instead of `TTRPC_ADDRESS` the shim is given the directory
+//! where `kestrel events` listen, to which it forwards its events.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use containerd_shim_protos::types::task::Status;
 
 use super::containers::{Container, NAMESPACE};
 use kestrel_host::config::HYPERVISOR_ENV;
+use kestrel_host::shim::publish::LISTENERS_ENV;
 
 const SHIM_BINARY: &str = "containerd-shim-kestrel-v2";
 /// How long a request other than Wait may take; Create boots the sandbox.
@@ -81,6 +82,8 @@ pub fn start(container: &Container, hypervisor: Option<&str>) -> Result<String, 
     let (binary, mut command) = shim_command(container, "start");
     command
         .env_remove("TTRPC_ADDRESS")
+        // The shim server outlives this command and inherits the variable.
+        .env(LISTENERS_ENV, super::events::listeners_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

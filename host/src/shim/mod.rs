@@ -243,7 +243,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     let (events, rx) = EventStream::new();
     let flush = Arc::new(tokio::sync::Notify::new());
     let forwarder = tokio::spawn(publish::forward(
-        std::env::var("TTRPC_ADDRESS").unwrap_or_default(),
+        publish::Destination::from_env(),
         flags.namespace.clone(),
         rx,
         Arc::clone(&flush),
