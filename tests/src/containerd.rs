@@ -136,7 +136,10 @@ impl Containerd {
         let log = self.log_text();
         assert!(!log.contains("failed to find container"), "{log}");
         assert!(!log.contains("get state for"), "{log}");
-        let errors: Vec<&str> = log.lines().filter(|l| l.contains("level=error")).collect();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("level=error") && !closed_client_got_a_reply(l))
+            .collect();
         assert_eq!(errors, Vec::<&str>::new(), "errors in containerd's log");
         self.assert_nothing_left();
     }
@@ -276,6 +279,15 @@ impl Containerd {
         }
         found
     }
+}
+
+/// Whether a log line is containerd's own ttrpc client (1.6) reporting a
+/// reply that reached it after it had closed its connection to a shim: it
+/// closes the connection once Shutdown returns, while `ctr task ls` State
+/// calls sent just before are still being answered. Any shim's reply can
+/// race that close; it says nothing about the shim or the sandbox.
+fn closed_client_got_a_reply(line: &str) -> bool {
+    line.contains("msg=\"ttrpc: failed to look up active call: ttrpc: closed\"")
 }
 
 /// Background `ctr task ls` loops; killed (with their ctr) on drop.
