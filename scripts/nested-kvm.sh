@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Runs a command inside an L1 Linux VM that has real KVM, on machines whose
+# own /dev/kvm cannot run guest user space: QEMU's TCG emulates AMD SVM with
+# nested paging (`-cpu max`), and Debian's stock kernel loads kvm_amd on it.
+#
+#   ./scripts/nested-kvm.sh [--memory MiB] -- CMD [ARG...]
+#
+# L1 sees this machine's files read-only through virtio-9p, with a tmpfs
+# overlay on top where it writes, so installed programs and the workspace's
+# binaries run as they are; CMD runs as root in the current directory, its
+# output goes to this terminal and its exit status becomes this script's.
+# Debian's kernel package is fetched once (apt-get download) and cached with
+# the initramfs under ${XDG_CACHE_HOME:-~/.cache}/kestrel/nested-kvm/.
+set -euo pipefail
+
+memory=2048
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --memory) memory=$2; shift 2 ;;
+        --) shift; break ;;
+        *) echo "usage: $0 [--memory MiB] -- CMD [ARG...]" >&2; exit 2 ;;
+    esac
+done
+[ $# -gt 0 ] || { echo "usage: $0 [--memory MiB] -- CMD [ARG...]" >&2; exit 2; }
+
+qemu=${QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || { echo "nested-kvm: $qemu is not installed (apt-get install qemu-system-x86)" >&2; exit 1; }
+if ! "$qemu" -accel tcg -cpu help 2>/dev/null | grep -qw max; then
+    echo "nested-kvm: $qemu has no TCG '-cpu max', which the nested SVM needs" >&2
+    exit 1
+fi
+busybox=/bin/busybox
+[ -x "$busybox" ] || { echo "nested-kvm: needs $busybox (apt-get install busybox-static)" >&2; exit 1; }
+
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/kestrel/nested-kvm
+package=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9.-]*-amd64\)$/\1/p' | head -n1)
+[ -n "$package" ] || { echo "nested-kvm: apt knows no linux-image-amd64 (run apt-get update)" >&2; exit 1; }
+kdir=$cache/$package
+if [ ! -f "$kdir/initrd.gz" ]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download "$package" >/dev/null 2>&1) \
+        || { echo "nested-kvm: could not fetch $package with apt-get download" >&2; exit 1; }
+    dpkg-deb -x "$tmp"/"$package"_*.deb "$tmp/pkg"
+    kver=${package#linux-image-}
+    mods=$tmp/pkg/lib/modules/$kver/kernel
+    mkdir -p "$tmp/rd/bin" "$tmp/rd/modules" "$tmp/rd/proc" "$tmp/rd/sys" "$tmp/rd/dev" \
+        "$tmp/rd/host" "$tmp/rd/ctl" "$tmp/rd/rw" "$tmp/rd/root"
+    cp "$busybox" "$tmp/rd/bin/busybox"
+    # In load order: virtio-pci and 9p to see the host, overlay to write on
+    # it, then KVM (kvm-amd needs ccp).
+    for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev \
+        virtio/virtio_pci_legacy_dev virtio/virtio_pci; do
+        cp "$mods/drivers/$m.ko" "$tmp/rd/modules/"
+    done
+    cp "$mods/fs/netfs/netfs.ko" "$mods/fs/fscache/fscache.ko" "$mods/net/9p/9pnet.ko" \
+        "$mods/net/9p/9pnet_virtio.ko" "$mods/fs/9p/9p.ko" "$mods/fs/overlayfs/overlay.ko" \
+        "$mods/virt/lib/irqbypass.ko" "$mods/arch/x86/kvm/kvm.ko" \
+        "$mods/drivers/crypto/ccp/ccp.ko" "$mods/arch/x86/kvm/kvm-amd.ko" "$tmp/rd/modules/"
+    cat >"$tmp/rd/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
+    netfs fscache 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd; do
+    insmod /modules/$m.ko 2>/dev/null || echo "nested-kvm: insmod $m failed" >/dev/console
+done
+opts=trans=virtio,version=9p2000.L,msize=262144
+mount -t 9p -o "$opts,ro" host /host
+mount -t 9p -o "$opts" ctl /ctl
+mount -t tmpfs tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /root
+mount -t proc proc /root/proc
+mount -t sysfs sysfs /root/sys
+mount --rbind /dev /root/dev
+# A fresh /run, as on a machine that just booted; /tmp and the rest are the
+# host's, written to the overlay.
+mount -t tmpfs tmpfs /root/run
+mkdir -p /root/ctl && mount --bind /ctl /root/ctl
+if [ ! -e /dev/kvm ]; then
+    echo "nested-kvm: no /dev/kvm in L1 (does QEMU emulate SVM here?)" >/dev/console
+fi
+chroot /root /bin/sh /ctl/run </dev/console >/dev/console 2>&1
+echo $? >/ctl/status
+sync
+poweroff -f
+INIT
+    chmod 755 "$tmp/rd/init"
+    mkdir -p "$kdir"
+    (cd "$tmp/rd" && find . | "$busybox" cpio -o -H newc 2>/dev/null | gzip -1) >"$kdir/initrd.gz.tmp"
+    cp "$tmp/pkg/boot/vmlinuz-$kver" "$kdir/vmlinuz"
+    mv "$kdir/initrd.gz.tmp" "$kdir/initrd.gz"
+    rm -rf "$tmp"
+    trap - EXIT
+fi
+
+ctl=$(mktemp -d)
+trap 'rm -rf "$ctl"' EXIT
+{
+    echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+    printf 'export HOME=%q\n' "${HOME:-/root}"
+    printf 'cd %q\n' "$PWD"
+    printf '%q ' "$@"
+    echo
+} >"$ctl/run"
+
+"$qemu" -accel tcg -cpu max -m "$memory" -smp 1 -M q35 -nodefaults -display none -serial stdio \
+    -no-reboot \
+    -kernel "$kdir/vmlinuz" -initrd "$kdir/initrd.gz" \
+    -append "console=ttyS0 quiet panic=-1" \
+    -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
+    -virtfs "local,path=$ctl,mount_tag=ctl,security_model=passthrough" \
+    </dev/null
+if [ ! -s "$ctl/status" ]; then
+    echo "nested-kvm: the L1 VM ended without running the command" >&2
+    exit 1
+fi
+exit "$(cat "$ctl/status")"
