@@ -508,3 +508,72 @@ pub fn pseudo_random(len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Set inside the L1 VM of [`run_in_nested_kvm`], so a test run there does
+/// not try to nest again.
+pub const NESTED_ENV: &str = "KESTREL_IN_NESTED_KVM";
+
+/// For a test that needs KVM backed by hardware, on a host whose KVM is
+/// emulated: runs this same test (`test`, in this test binary) again inside
+/// `scripts/nested-kvm.sh`'s L1 VM, where KVM is native, and returns
+/// whether it passed there with what it printed. [`Nested::RunHere`] inside
+/// L1; [`Nested::Skipped`], with the skip recorded, only when QEMU, which
+/// the harness needs, is missing.
+pub fn run_in_nested_kvm(test: &str) -> Nested {
+    if std::env::var_os(NESTED_ENV).is_some() {
+        return Nested::RunHere;
+    }
+    let qemu = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()));
+    if !qemu {
+        skip(
+            test,
+            "KVM here cannot run guest user space, and the nested-KVM harness needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        );
+        return Nested::Skipped;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested-kvm.sh");
+    let mut inner = vec!["env".to_string(), format!("{NESTED_ENV}=1")];
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        inner.push(format!("XDG_CACHE_HOME={}", cache.to_string_lossy()));
+    }
+    inner.extend([
+        exe.display().to_string(),
+        test.to_string(),
+        "--exact".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ]);
+    let output = Command::new(script)
+        .arg("--")
+        .args(&inner)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running scripts/nested-kvm.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // libtest's own verdict line, so a harness that ran nothing fails; and
+    // a test that skipped in L1 did not pass there.
+    let passed = output.status.success()
+        && text.contains("test result: ok. 1 passed")
+        && !text.contains(&format!("SKIP {test}:"));
+    Nested::Ran {
+        passed,
+        output: text,
+    }
+}
+
+/// What [`run_in_nested_kvm`] did.
+#[derive(Debug)]
+pub enum Nested {
+    /// KVM is native or this is L1: run the test's body here.
+    RunHere,
+    /// The harness cannot run here; the skip is recorded.
+    Skipped,
+    /// The test ran in L1.
+    Ran { passed: bool, output: String },
+}
