@@ -23,11 +23,12 @@ use crate::dial::{connect, Address, DialError};
 pub enum AgentError {
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error("gave up dialing {address} after {elapsed:?} ({attempts} tries): {last}")]
+    #[error("gave up dialing {address} after {elapsed:?} ({attempts} tries)")]
     DialDeadline {
         address: String,
         elapsed: Duration,
         attempts: u32,
+        #[source]
         last: Box<DialError>,
     },
     /// The agent answered with an error status.
@@ -428,10 +429,15 @@ fn end_of_stream(r: Result<ReadStreamResponse, AgentError>) -> Result<Option<Vec
     }
 }
 
-/// Connects to the agent once and asks Health.Check and Health.Version,
-/// each request bounded by `timeout`.
+/// Dials the agent with backoff until it answers or `timeout` passes (a
+/// guest that is still booting has no listener yet), then asks
+/// Health.Check and Health.Version, each bounded by `timeout`.
 pub async fn check(address: &Address, timeout: Duration) -> Result<Health, AgentError> {
-    let client = connect(address, timeout).await?;
+    let policy = DialPolicy {
+        deadline: timeout,
+        ..DialPolicy::from(&AgentConfig::default())
+    };
+    let client = dial(address, policy).await?;
     AgentClient::from_client(client, timeout).health().await
 }
 

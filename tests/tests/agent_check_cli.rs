@@ -42,6 +42,39 @@ fn hybrid_vsock(path: &Path, agent: &Path) -> std::thread::JoinHandle<()> {
 }
 
 #[test]
+fn check_waits_for_an_agent_that_starts_listening_within_its_timeout() {
+    if !require("check_waits_for_an_agent_that_starts_listening_within_its_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("late.sock");
+    let check = Command::new(binary("kestrel"))
+        .args(["agent", "check", "--timeout", "20", "--address"])
+        .arg(format!("unix://{}", socket.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running kestrel agent check");
+    // The guest is still booting: nothing listens for a while.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let mut agent = Command::new(binary("kestrel-agent"))
+        .arg("--listen")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--shared-dir")
+        .arg(dir.path().join("shared"))
+        .spawn()
+        .expect("starting kestrel-agent");
+    let out = check.wait_with_output().unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("SERVING")
+    );
+}
+
+#[test]
 fn check_over_unix_prints_serving_and_version() {
     if !require("check_over_unix_prints_serving_and_version") {
         return;
@@ -90,6 +123,8 @@ fn check_fails_clearly_when_nothing_listens() {
     let out = kestrel(&[
         "agent",
         "check",
+        "--timeout",
+        "1",
         "--address",
         &format!("unix://{}", missing.display()),
     ]);
@@ -97,18 +132,27 @@ fn check_fails_clearly_when_nothing_listens() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("none.sock"), "{stderr}");
 
+    // A VMM whose guest never listens on port 2000: every try is refused
+    // the same way until the timeout.
     let hv = dir.path().join("hv.sock");
-    let vmm = hybrid_vsock(&hv, &missing);
+    let listener = UnixListener::bind(&hv).unwrap();
+    std::thread::spawn(move || {
+        for host in listener.incoming().flatten() {
+            let mut line = String::new();
+            let _ = BufReader::new(&host).read_line(&mut line);
+        }
+    });
     let out = kestrel(&[
         "agent",
         "check",
+        "--timeout",
+        "1",
         "--address",
         &format!("hvsock://{}:2000", hv.display()),
     ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nothing listens on that port"), "{stderr}");
-    vmm.join().unwrap();
 
     let out = kestrel(&["agent", "check", "--address", "tcp://127.0.0.1:1"]);
     assert!(!out.status.success());
