@@ -161,6 +161,9 @@ fn detached_container_is_listed_exec_killed_and_removed() {
     let out = cli.run(&["-d"], "d1", &["sleep", "1000"]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "d1\n");
+    // The shim's log is kept beside its bundle.
+    let log = std::fs::read_to_string(cli.root().join("d1/log")).unwrap_or_default();
+    assert!(log.contains("shim serving"), "shim log: {log:?}");
     let row = cli.ps_row("d1");
     assert_eq!(row["status"], "RUNNING");
     assert_eq!(row["image"], cli.rootfs.to_str().unwrap());

@@ -27,6 +27,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
+    #[error("creating the shim's log {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("running {binary}")]
     Spawn {
         binary: PathBuf,
@@ -76,9 +82,21 @@ fn shim_binary() -> PathBuf {
         .unwrap_or_else(|| SHIM_BINARY.into())
 }
 
+/// The shim server's log in a container's directory (`kestrel run`'s shims
+/// log there; containerd's read theirs from a FIFO of that name).
+pub const SHIM_LOG: &str = "log";
+
 /// Runs the shim's `start` in the container's directory (its bundle) and
 /// returns the address it serves on. `hypervisor` overrides the config's.
 pub fn start(container: &Container, hypervisor: Option<&str>) -> Result<String, ShimError> {
+    // containerd gives the shim server a FIFO named `log` in the bundle;
+    // here a plain file takes its place, so the shim's log is kept.
+    let log = container.dir.join(SHIM_LOG);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|source| ShimError::Log { path: log, source })?;
     let (binary, mut command) = shim_command(container, "start");
     command
         .env_remove("TTRPC_ADDRESS")

@@ -59,7 +59,10 @@ impl<L: Log> Log for ShimLog<L> {
 /// Logs to containerd's FIFO (`log` in the bundle) at `RUST_LOG`'s level,
 /// at least debug with `-debug`.
 pub fn init(debug: bool) -> anyhow::Result<()> {
-    let fifo = FifoLogger::with_path("log")?;
+    // Appending: `kestrel run` gives a plain file where containerd gives a
+    // FIFO, and a file must not be written over from its start.
+    let file = std::fs::OpenOptions::new().append(true).open("log")?;
+    let fifo = FifoLogger::with_file(file);
     let configured = std::env::var(LOG_ENV)
         .ok()
         .and_then(|level| LevelFilter::from_str(&level).ok())
