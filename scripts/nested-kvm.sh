@@ -8,7 +8,8 @@
 # L1 sees this machine's files read-only through virtio-9p, with a tmpfs
 # overlay on top where it writes, so installed programs and the workspace's
 # binaries run as they are; CMD runs as root in the current directory, its
-# output goes to this terminal and its exit status becomes this script's.
+# output goes to this terminal and its exit status becomes this script's
+# (125 when kvm_amd does not load in L1: a QEMU that does not emulate SVM).
 # Debian's kernel package is fetched once (apt-get download) and cached with
 # the initramfs under ${XDG_CACHE_HOME:-~/.cache}/kestrel/nested-kvm/.
 set -euo pipefail
@@ -35,7 +36,8 @@ busybox=/bin/busybox
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/kestrel/nested-kvm
 package=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9.-]*-amd64\)$/\1/p' | head -n1)
 [ -n "$package" ] || { echo "nested-kvm: apt knows no linux-image-amd64 (run apt-get update)" >&2; exit 1; }
-kdir=$cache/$package
+# The initramfs is built from this script: a changed script builds anew.
+kdir=$cache/$package-$(sha256sum "$0" | cut -c1-12)
 if [ ! -f "$kdir/initrd.gz" ]; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
@@ -80,11 +82,13 @@ mount --rbind /dev /root/dev
 # host's, written to the overlay.
 mount -t tmpfs tmpfs /root/run
 mkdir -p /root/ctl && mount --bind /ctl /root/ctl
-if [ ! -e /dev/kvm ]; then
-    echo "nested-kvm: no /dev/kvm in L1 (does QEMU emulate SVM here?)" >/dev/console
+if [ -e /dev/kvm ]; then
+    chroot /root /bin/sh /ctl/run </dev/console >/dev/console 2>&1
+    echo $? >/ctl/status
+else
+    echo "nested-kvm: kvm_amd did not load in L1: this QEMU does not emulate SVM" >/dev/console
+    echo 125 >/ctl/status
 fi
-chroot /root /bin/sh /ctl/run </dev/console >/dev/console 2>&1
-echo $? >/ctl/status
 sync
 poweroff -f
 INIT
