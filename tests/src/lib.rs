@@ -75,6 +75,12 @@ pub fn require(test: &str) -> bool {
     }
 }
 
+/// Whether `program` is an executable file in a `PATH` directory.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
 /// A binary of this workspace, built beside the test executable
 /// (`cargo build --workspace` puts it there).
 pub fn binary(name: &str) -> PathBuf {
@@ -523,9 +529,7 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
     if std::env::var_os(NESTED_ENV).is_some() {
         return Nested::RunHere;
     }
-    let qemu = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()));
-    if !qemu {
+    if !on_path("qemu-system-x86_64") {
         skip(
             test,
             "KVM here cannot run guest user space, and the nested-KVM harness needs qemu-system-x86_64 (apt-get install qemu-system-x86)",

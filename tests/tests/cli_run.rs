@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_tests::{binary, busybox_rootfs, guest_image, require, skip};
+use kestrel_tests::{binary, busybox_rootfs, guest_image, on_path, require, skip};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -537,12 +537,6 @@ fn ps_and_doctor_name_a_sandbox_whose_agent_stopped_answering() {
 
     assert!(cli.output(&["rm", "-f", "h1"]).status.success());
     cli.assert_no_processes_left();
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
 }
 
 #[test]

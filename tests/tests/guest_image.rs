@@ -12,13 +12,7 @@ use std::time::{Duration, Instant};
 use kestrel_guest_image::{initramfs, is_static_elf, sha256_file, Manifest};
 use kestrel_host::agent_client::{dial, AgentClient, DialPolicy};
 use kestrel_host::dial::Address;
-use kestrel_tests::{binary, skip, static_agent};
-
-fn tool(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
-}
+use kestrel_tests::{binary, on_path, skip, static_agent};
 
 /// Returns false, printing why, when the image cannot be built here.
 fn can_build(test: &str) -> bool {
@@ -195,7 +189,7 @@ fn qemu_tcg_boots_the_image_to_a_serving_agent() {
     if !can_build("qemu_tcg_boots_the_image_to_a_serving_agent") {
         return;
     }
-    if !tool("qemu-system-x86_64") {
+    if !on_path("qemu-system-x86_64") {
         skip(
             "qemu_tcg_boots_the_image_to_a_serving_agent",
             "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use kestrel_tests::{binary, busybox_rootfs, guest_image, require, skip};
+use kestrel_tests::{binary, busybox_rootfs, guest_image, on_path, require, skip};
 
 #[test]
 fn the_builtin_vmm_runs_a_container_inside_the_nested_kvm_harness() {
@@ -13,10 +13,6 @@ fn the_builtin_vmm_runs_a_container_inside_the_nested_kvm_harness() {
     if !require(test) {
         return;
     }
-    let on_path = |program: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).exists()))
-    };
     if !on_path("qemu-system-x86_64") {
         skip(
             test,

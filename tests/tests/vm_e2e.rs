@@ -5,20 +5,14 @@
 use std::time::{Duration, Instant};
 
 use kestrel_tests::containerd::{available, text, Containerd};
-use kestrel_tests::{busybox_rootfs, guest_image, require, skip, GuestImage};
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
-}
+use kestrel_tests::{busybox_rootfs, guest_image, on_path, require, skip, GuestImage};
 
 /// Everything a QEMU sandbox needs, or `None` with the reason printed.
 fn ready(test: &str) -> Option<GuestImage> {
     if !require(test) || !available(test) {
         return None;
     }
-    if !which("qemu-system-x86_64") {
+    if !on_path("qemu-system-x86_64") {
         skip(
             test,
             "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
