@@ -143,8 +143,14 @@ fn read_config_inner(control: &mut UnixStream) -> Result<SetupConfig, String> {
     serde_json::from_slice(&buf).map_err(|e| format!("decoding configuration: {e}"))
 }
 
+/// Answers the agent with one line, in one write: an exec helper and the
+/// process it cloned share the socket, and `writeln!` writes a line in
+/// pieces, so their answers could interleave ("pid N" + "invalid ...", then
+/// two newlines) and the agent would read an empty line.
 fn reply(control: &mut UnixStream, line: &str) -> Result<(), Failure> {
-    writeln!(control, "{line}").map_err(|e| Failure::Internal(format!("answering the agent: {e}")))
+    control
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| Failure::Internal(format!("answering the agent: {e}")))
 }
 
 /// A new session; with a terminal, stdin (the pty) becomes the controlling
