@@ -515,6 +515,22 @@ pub fn pseudo_random(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// What a test that boots a VM under QEMU needs: root, QEMU and the guest
+/// image. `None`, with the skip recorded, when one is missing.
+pub fn qemu_ready(test: &str) -> Option<GuestImage> {
+    if !require(test) {
+        return None;
+    }
+    if !on_path("qemu-system-x86_64") {
+        skip(
+            test,
+            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
+        );
+        return None;
+    }
+    guest_image(test)
+}
+
 /// Set inside the L1 VM of [`run_in_nested_kvm`], so a test run there does
 /// not try to nest again.
 pub const NESTED_ENV: &str = "KESTREL_IN_NESTED_KVM";

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_tests::{binary, busybox_rootfs, guest_image, on_path, require, skip};
+use kestrel_tests::{binary, busybox_rootfs, qemu_ready, require};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -542,17 +542,7 @@ fn ps_and_doctor_name_a_sandbox_whose_agent_stopped_answering() {
 #[test]
 fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
     let test = "run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel";
-    if !require(test) {
-        return;
-    }
-    if !on_path("qemu-system-x86_64") {
-        skip(
-            test,
-            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
-        );
-        return;
-    }
-    let Some(image) = guest_image(test) else {
+    let Some(image) = qemu_ready(test) else {
         return;
     };
     let cli = Cli::new(&format!(

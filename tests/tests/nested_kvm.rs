@@ -5,22 +5,12 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use kestrel_tests::{binary, busybox_rootfs, guest_image, on_path, require, skip};
+use kestrel_tests::{binary, busybox_rootfs, qemu_ready};
 
 #[test]
 fn the_builtin_vmm_runs_a_container_inside_the_nested_kvm_harness() {
     let test = "the_builtin_vmm_runs_a_container_inside_the_nested_kvm_harness";
-    if !require(test) {
-        return;
-    }
-    if !on_path("qemu-system-x86_64") {
-        skip(
-            test,
-            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
-        );
-        return;
-    }
-    let Some(image) = guest_image(test) else {
+    let Some(image) = qemu_ready(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -5,21 +5,14 @@
 use std::time::{Duration, Instant};
 
 use kestrel_tests::containerd::{available, text, Containerd};
-use kestrel_tests::{busybox_rootfs, guest_image, on_path, require, skip, GuestImage};
+use kestrel_tests::{busybox_rootfs, qemu_ready, GuestImage};
 
 /// Everything a QEMU sandbox needs, or `None` with the reason printed.
 fn ready(test: &str) -> Option<GuestImage> {
-    if !require(test) || !available(test) {
+    if !available(test) {
         return None;
     }
-    if !on_path("qemu-system-x86_64") {
-        skip(
-            test,
-            "needs qemu-system-x86_64 (apt-get install qemu-system-x86)",
-        );
-        return None;
-    }
-    guest_image(test)
+    qemu_ready(test)
 }
 
 fn start(image: &GuestImage) -> Containerd {
