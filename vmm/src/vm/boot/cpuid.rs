@@ -15,6 +15,12 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units, should KVM report none.
 const DEFAULT_CLFLUSH_SIZE: u32 = 8;
 
+/// Leaf 1 ECX: XSAVE/XRSTOR and XCR0.
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+/// Leaf 0xD (processor extended state), subleaf 0: the XCR0 bits the vCPU
+/// may enable in EDX:EAX.
+const LEAF_XSTATE: u32 = 0xd;
+
 /// Leaf 4 (deterministic cache parameters).
 const LEAF_CACHE: u32 = 4;
 /// Leaf 0xB and its successor 0x1F (extended topology).
@@ -56,6 +62,30 @@ pub(super) fn normalize(
         }
     }
     Ok(())
+}
+
+/// The XCR0 a vCPU with `cpuid` starts with: every state component its
+/// CPUID offers (leaf 0xD.0 EDX:EAX), or `None` without XSAVE.
+///
+/// Linux enables exactly these (those it knows) early in boot, so starting
+/// there changes nothing for it; but it keeps KVM's own copy of XCR0 right
+/// where the guest's XSETBV never reaches KVM. QEMU's TCG does not raise
+/// the SVM XSETBV intercept (its exit-code list has none), so nested under
+/// it KVM would go on believing XCR0 = 1: CPUID 0xD.0 EBX would stay 576
+/// bytes, the guest would warn "XSAVE consistency problem", and KVM would
+/// load XCR0 = 1 on every VM entry, under the guest's AVX state.
+pub(super) fn initial_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let leaf1 = entries.iter().find(|e| e.function == 1)?;
+    if leaf1.ecx & LEAF1_ECX_XSAVE == 0 {
+        return None;
+    }
+    let xstate = entries
+        .iter()
+        .find(|e| e.function == LEAF_XSTATE && e.index == 0)?;
+    let xcr0 = u64::from(xstate.eax) | (u64::from(xstate.edx) << 32);
+    // x87 is architecturally always on; without it the leaf is nonsense.
+    (xcr0 & 1 == 1).then_some(xcr0)
 }
 
 /// Leaf 1: initial APIC id and logical processor count in EBX, the
@@ -212,5 +242,42 @@ mod tests {
         normalize(&mut cpuid, 1, 2, false).unwrap();
         let leaf = find(&cpuid, 0x8000_0008, 0);
         assert_eq!((leaf.eax, leaf.ecx), (0x3027, 0x7));
+    }
+
+    #[test]
+    fn xcr0_starts_at_every_state_component_the_cpuid_offers() {
+        let mut cpuid = host_cpuid();
+        assert_eq!(initial_xcr0(&cpuid), None, "no leaf 0xD");
+        // x87, SSE, AVX and PKRU: what QEMU's `-cpu max` offers L1.
+        let xstate = kvm_cpuid_entry2 {
+            function: LEAF_XSTATE,
+            index: 0,
+            eax: 0x207,
+            ebx: 0x240,
+            ecx: 0xa88,
+            ..Default::default()
+        };
+        cpuid.push(xstate).unwrap();
+        assert_eq!(initial_xcr0(&cpuid), Some(0x207));
+
+        for entry in cpuid.as_mut_slice() {
+            if entry.function == 1 {
+                entry.ecx &= !LEAF1_ECX_XSAVE;
+            }
+        }
+        assert_eq!(initial_xcr0(&cpuid), None, "XSAVE not offered");
+    }
+
+    #[test]
+    fn xcr0_needs_x87() {
+        let mut cpuid = host_cpuid();
+        let xstate = kvm_cpuid_entry2 {
+            function: LEAF_XSTATE,
+            index: 0,
+            eax: 0x6,
+            ..Default::default()
+        };
+        cpuid.push(xstate).unwrap();
+        assert_eq!(initial_xcr0(&cpuid), None);
     }
 }

@@ -32,7 +32,7 @@ mod mptable;
 mod regs;
 mod zero_page;
 
-use kvm_bindings::{Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_xcr, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -225,6 +225,19 @@ pub fn setup_vcpu(
     cpuid::normalize(&mut cpuid, id, vcpus, tsc_deadline)?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err("set the vCPU's CPUID"))?;
+    if let Some(xcr0) = cpuid::initial_xcr0(&cpuid) {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0] = kvm_xcr {
+            xcr: 0,
+            value: xcr0,
+            ..Default::default()
+        };
+        vcpu.set_xcrs(&xcrs)
+            .map_err(kvm_err("set XCR0 to the CPUID's state components"))?;
+    }
 
     let entries = regs::boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|source| BootError::KvmList {
