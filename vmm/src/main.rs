@@ -28,7 +28,8 @@ struct Args {
     /// An initramfs to hand the kernel.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    /// The kernel command line (virtio-mmio devices are appended to it).
+    /// The kernel command line (`acpi=off`, unless it has an `acpi=` option,
+    /// and the virtio-mmio devices are appended to it).
     #[arg(long, value_name = "S", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
     /// Guest memory in MiB.

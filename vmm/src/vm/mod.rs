@@ -50,13 +50,25 @@ pub enum SerialOut {
     File(PathBuf),
 }
 
+/// Appended to the command line unless it says otherwise: the VM has no
+/// ACPI tables (the MP table describes its CPUs and I/O APIC), so the
+/// kernel's search for them could only fail, as "ACPI BIOS Error (bug): A
+/// valid RSDP was not found". Without ACPI the guest cannot power off; it
+/// reboots, and `reboot=k` makes that an i8042 reset, which ends the VM.
+pub const NO_ACPI: &str = "acpi=off";
+
+/// Whether `cmdline` already has an `acpi=` option.
+fn names_acpi(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w.starts_with("acpi="))
+}
+
 /// The VM to build.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// The kernel command line; the VMM appends its `virtio_mmio.device=`
-    /// entries.
+    /// The kernel command line; the VMM appends [`NO_ACPI`] (unless it has
+    /// an `acpi=` option) and its `virtio_mmio.device=` entries.
     pub cmdline: String,
     /// Guest memory and vCPUs.
     pub shape: VmShape,
@@ -173,6 +185,11 @@ impl Vm {
         cmdline
             .insert_str(&config.cmdline)
             .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        if !names_acpi(&config.cmdline) {
+            cmdline
+                .insert_str(NO_ACPI)
+                .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        }
 
         let serial = SerialDevice::new(serial_writer(&config.serial)?)
             .map_err(io_err("creating the serial port"))?;
@@ -395,4 +412,17 @@ fn add_virtio_mmio(
         .add_virtio_mmio_device(MMIO_LEN, vm_memory::GuestAddress(base), gsi, None)
         .map_err(|e| VmmError::Cmdline(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_acpi;
+
+    #[test]
+    fn acpi_is_turned_off_unless_the_command_line_names_it() {
+        assert!(!names_acpi("console=ttyS0 reboot=k panic=1 pci=off"));
+        assert!(!names_acpi("noacpi_like_word acpi_rsdp"));
+        assert!(names_acpi("console=ttyS0 acpi=force"));
+        assert!(names_acpi("acpi=off"));
+    }
 }
