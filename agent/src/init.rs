@@ -176,17 +176,48 @@ pub fn memory_block_size() -> u64 {
         .unwrap_or(0)
 }
 
+/// How the guest ends: [`RebootMode::RB_POWER_OFF`] when `acpi` (the
+/// kernel's `/sys/firmware/acpi`, absent with `acpi=off` or no tables)
+/// exists, else [`RebootMode::RB_AUTOBOOT`].
+fn end_of_guest(acpi: &Path) -> RebootMode {
+    if acpi.exists() {
+        RebootMode::RB_POWER_OFF
+    } else {
+        RebootMode::RB_AUTOBOOT
+    }
+}
+
 pub fn supports_memory_probe() -> bool {
     Path::new("/sys/devices/system/memory/probe").exists()
 }
 
-/// Flushes filesystems and powers the guest off.
+/// Flushes filesystems and ends the guest: a power-off where the kernel
+/// has a way to power off (ACPI), else a reboot. x86 without ACPI cannot
+/// power off (the kernel turns the request into a halt the VMM never sees),
+/// but every VMM we run ends the VM on a reset: kestrel-vmm and QEMU
+/// `-no-reboot`, with `reboot=k` on our command line.
 pub fn power_off() -> ! {
     sync();
-    let err = match reboot(RebootMode::RB_POWER_OFF) {
+    let mode = end_of_guest(Path::new("/sys/firmware/acpi"));
+    tracing::info!(?mode, "ending the guest");
+    let err = match reboot(mode) {
         Err(e) => e,
         Ok(never) => match never {},
     };
-    tracing::error!(error = %err, "power-off failed");
+    tracing::error!(error = %err, ?mode, "ending the guest failed");
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_powers_off_with_acpi_and_reboots_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let acpi = dir.path().join("acpi");
+        assert_eq!(end_of_guest(&acpi), RebootMode::RB_AUTOBOOT);
+        std::fs::create_dir(&acpi).unwrap();
+        assert_eq!(end_of_guest(&acpi), RebootMode::RB_POWER_OFF);
+    }
 }

@@ -200,11 +200,31 @@ impl Sandbox {
         self.exit_watch().borrow().is_some()
     }
 
+    /// After DestroySandbox the agent ends the guest itself (a power-off, or
+    /// a reboot the VMM takes as the end), so the VMM exits with status 0
+    /// and needs no signal; waits up to the stop grace for that.
+    async fn await_own_end(&self) {
+        let mut exit = self.exit_watch();
+        let ended = tokio::time::timeout(self.stop_grace, exit.wait_for(Option::is_some)).await;
+        match ended {
+            Ok(Ok(exit)) => {
+                tracing::info!(sandbox_id = %self.id, exit = ?*exit, "the guest ended by itself")
+            }
+            _ => tracing::warn!(
+                sandbox_id = %self.id,
+                grace_ms = self.stop_grace.as_millis() as u64,
+                "the guest did not end by itself after DestroySandbox; stopping it"
+            ),
+        }
+    }
+
     /// Asks the agent to tear everything down, then stops the guest.
     pub async fn stop(&self) -> Result<Option<GuestExit>, SandboxError> {
         if !self.is_dead() {
             let destroy = tokio::time::timeout(self.stop_grace, self.agent.destroy_sandbox()).await;
-            if !matches!(destroy, Ok(Ok(()))) {
+            if matches!(destroy, Ok(Ok(()))) {
+                self.await_own_end().await;
+            } else {
                 tracing::warn!(sandbox_id = %self.id, "DestroySandbox did not complete; stopping the guest anyway");
             }
         }

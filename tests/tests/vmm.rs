@@ -381,6 +381,8 @@ fn full_boot_reaches_a_serving_agent() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (serial, uds) = (dir.path().join("serial.log"), dir.path().join("vm.vsock"));
+    // Every boot message, so the console check below sees them all.
+    let cmdline = kestrel_guest_image::KERNEL_PARAMS.replace(" quiet", "");
     let mut vmm = Vmm::start(
         dir.path(),
         &args(&[
@@ -388,6 +390,10 @@ fn full_boot_reaches_a_serving_agent() {
             &image.vmlinux,
             &"--initrd",
             &image.initrd,
+            &"--cmdline",
+            &cmdline,
+            &"--log-level",
+            &"info",
             &"--serial",
             &serial,
             &"--vsock-uds",
@@ -415,7 +421,58 @@ fn full_boot_reaches_a_serving_agent() {
         std::fs::read_to_string(&serial).unwrap_or_default(),
         vmm.stderr()
     );
-    let status = vmm.terminate();
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr());
+
+    // DestroySandbox: the agent ends the guest (a reboot, as the VM has no
+    // ACPI), and the VMM takes the i8042 reset as the end: status 0, no
+    // signal from us.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let agent = kestrel_host::agent_client::AgentClient::connect(
+            &address.parse().unwrap(),
+            &kestrel_host::config::AgentConfig::default(),
+        )
+        .await
+        .expect("dialling the agent");
+        agent.destroy_sandbox().await.expect("DestroySandbox");
+    });
+    let status = vmm.exit_within(Duration::from_secs(30));
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the VMM did not end by itself after DestroySandbox\nstderr:\n{}\nconsole:\n{console}",
+        vmm.stderr()
+    );
+    assert!(
+        vmm.stderr().contains("the guest reset the machine"),
+        "{}",
+        vmm.stderr()
+    );
     assert!(!uds.exists(), "the vsock socket was left behind");
+    assert_clean_console(&console);
+}
+
+/// Console lines no boot may print, and the ones we allow, each with why.
+const CONSOLE_FAULTS: [&str; 4] = ["WARNING", "BUG", "Error", "ignoring arguments"];
+const CONSOLE_ALLOWED: [(&str, &str); 0] = [];
+
+/// A boot's console names no fault: no kernel WARNING or BUG, no firmware
+/// or driver `Error`, and no argument the agent (as /init) was handed but
+/// does not know.
+fn assert_clean_console(console: &str) {
+    assert!(console.contains("Run /init as init process"), "{console}");
+    let faults: Vec<&str> = console
+        .lines()
+        .filter(|line| CONSOLE_FAULTS.iter().any(|f| line.contains(f)))
+        .filter(|line| {
+            !CONSOLE_ALLOWED
+                .iter()
+                .any(|(allowed, _why)| line.contains(allowed))
+        })
+        .collect();
+    assert_eq!(
+        faults,
+        Vec::<&str>::new(),
+        "faults on the console:\n{console}"
+    );
 }

@@ -171,7 +171,9 @@ impl Child {
     /// is sent first. Returns how it ended (`None` if it never started).
     pub async fn stop(&self, polite: Option<Signal>, deadline: Instant) -> Option<GuestExit> {
         self.pid()?;
-        if let Some(signal) = polite {
+        if let Some(signal) = polite.filter(|_| !self.has_exited()) {
+            let sandbox_id = self.sandbox_id.get().map_or("", String::as_str);
+            tracing::info!(sandbox_id, "stopping {} with {signal}", self.name);
             self.signal(signal);
         }
         let watch = self.exit_watch();
