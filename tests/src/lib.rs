@@ -597,3 +597,25 @@ pub enum Nested {
     /// The test ran in L1.
     Ran { passed: bool, output: String },
 }
+
+/// For a test whose body boots guests with the builtin VMM: `true` when the
+/// body should run here (KVM runs guest user space: hardware KVM, or inside
+/// the nested harness's L1); otherwise the test has been run again in L1
+/// (and has passed there: this asserts it) or skipped, and `false` says so.
+pub fn kvm_runs_guests_here(test: &str) -> bool {
+    use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
+    if matches!(kvm_support(), KvmSupport::Native(_)) {
+        return true;
+    }
+    match run_in_nested_kvm(test) {
+        Nested::RunHere => panic!(
+            "KVM in the nested-KVM harness is not native: {:?}",
+            kvm_support()
+        ),
+        Nested::Skipped => false,
+        Nested::Ran { passed, output } => {
+            assert!(passed, "in the nested-KVM harness:\n{output}");
+            false
+        }
+    }
+}

@@ -1,45 +1,119 @@
-//! VM sandboxes end to end: containerd runs every container in a QEMU VM
-//! (TCG here) booted from our guest image, its vsock served by our own
-//! vhost-user backend (`kestrel-vmm vhost-user-vsock`).
+//! VM sandboxes end to end: containerd runs every container in a VM booted
+//! from our guest image, on each VM backend:
+//! - QEMU (TCG here), its vsock served by our own vhost-user backend
+//!   (`kestrel-vmm vhost-user-vsock`);
+//! - our builtin VMM, `kestrel-vmm`, which needs KVM that runs guest user
+//!   space: where this host's cannot, each builtin test runs itself again
+//!   inside `scripts/nested-kvm.sh`'s L1 VM.
 
 use std::time::{Duration, Instant};
 
-use kestrel_tests::containerd::{available, text, Containerd};
-use kestrel_tests::{busybox_rootfs, qemu_ready, GuestImage};
+use kestrel_tests::containerd::{available, text, Containerd, Events};
+use kestrel_tests::{
+    busybox_rootfs, guest_image, kvm_runs_guests_here, qemu_ready, require, GuestImage,
+};
 
-/// Everything a QEMU sandbox needs, or `None` with the reason printed.
-fn ready(test: &str) -> Option<GuestImage> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Vmm {
+    Qemu,
+    Builtin,
+}
+
+impl Vmm {
+    /// The `[sandbox] hypervisor` value.
+    fn backend(self) -> &'static str {
+        match self {
+            Vmm::Qemu => "qemu",
+            Vmm::Builtin => "builtin",
+        }
+    }
+
+    /// The name the shim's log gives the VMM process.
+    fn process(self) -> &'static str {
+        match self {
+            Vmm::Qemu => "qemu",
+            Vmm::Builtin => "kestrel-vmm",
+        }
+    }
+
+    /// Whether `cmd` (a /proc cmdline) is one of this backend's VMMs.
+    fn is_vmm(self, cmd: &str) -> bool {
+        let program = cmd.split_whitespace().next().unwrap_or("");
+        let name = program.rsplit('/').next().unwrap_or("");
+        match self {
+            Vmm::Qemu => name.starts_with("qemu-system"),
+            // Not the vhost-user backends QEMU sandboxes run.
+            Vmm::Builtin => name == "kestrel-vmm" && !cmd.contains("vhost-user-vsock"),
+        }
+    }
+}
+
+/// Everything a sandbox on `vmm` needs, or `None` with the reason recorded
+/// (or, for the builtin VMM on a host whose KVM cannot run guests, after
+/// the test ran in the nested-KVM harness).
+fn ready(test: &str, vmm: Vmm) -> Option<GuestImage> {
+    if vmm == Vmm::Builtin && !kvm_runs_guests_here(test) {
+        return None;
+    }
     if !available(test) {
         return None;
     }
-    qemu_ready(test)
+    match vmm {
+        Vmm::Qemu => qemu_ready(test),
+        Vmm::Builtin if require(test) => guest_image(test),
+        Vmm::Builtin => None,
+    }
 }
 
-fn start(image: &GuestImage) -> Containerd {
+fn start(image: &GuestImage, vmm: Vmm) -> Containerd {
+    // (sections before [vm], keys in [vm])
+    let (sections, vm_keys) = match vmm {
+        Vmm::Qemu => ("", "accel = \"auto\"\n"),
+        // In the nested-KVM harness every guest runs under L1's TCG, on
+        // one emulated CPU shared with the guests already running: the
+        // sixth boots far slower than the first.
+        Vmm::Builtin => ("[agent]\ndial_timeout_ms = 120000\n", ""),
+    };
     Containerd::start_configured(
-        "hypervisor = \"qemu\"",
+        &format!("hypervisor = \"{}\"", vmm.backend()),
         &format!(
-            "[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+            "{sections}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{vm_keys}",
             image.vmlinux.display(),
             image.initrd.display()
         ),
     )
 }
 
-/// The pids of the QEMU processes of this containerd's sandboxes.
-fn qemus(c: &Containerd) -> Vec<u32> {
+/// The pids of the VMM processes of this containerd's sandboxes.
+fn vmms(c: &Containerd, vmm: Vmm) -> Vec<u32> {
     c.leftover_processes()
         .into_iter()
-        .filter(|(_, cmd)| cmd.starts_with("qemu-system") || cmd.contains("/qemu-system"))
+        .filter(|(_, cmd)| vmm.is_vmm(cmd))
         .map(|(pid, _)| pid)
         .collect()
 }
 
 #[test]
 fn ctr_runs_containers_inside_a_qemu_vm_with_our_kernel() {
-    let test = "ctr_runs_containers_inside_a_qemu_vm_with_our_kernel";
-    let Some(image) = ready(test) else { return };
-    let c = start(&image);
+    ctr_runs_containers_in_a_vm_with_our_kernel(
+        "ctr_runs_containers_inside_a_qemu_vm_with_our_kernel",
+        Vmm::Qemu,
+    );
+}
+
+#[test]
+fn ctr_runs_containers_inside_the_builtin_vmm_with_our_kernel() {
+    ctr_runs_containers_in_a_vm_with_our_kernel(
+        "ctr_runs_containers_inside_the_builtin_vmm_with_our_kernel",
+        Vmm::Builtin,
+    );
+}
+
+fn ctr_runs_containers_in_a_vm_with_our_kernel(test: &str, vmm: Vmm) {
+    let Some(image) = ready(test, vmm) else {
+        return;
+    };
+    let c = start(&image, vmm);
     let rootfs = busybox_rootfs(c.path());
     let rootfs = rootfs.to_str().unwrap();
 
@@ -62,7 +136,7 @@ fn ctr_runs_containers_inside_a_qemu_vm_with_our_kernel() {
     c.ctr(&["container", "delete", "uname"]);
 
     c.run_detached(rootfs, "svc", &["sleep", "1000"]);
-    assert_eq!(qemus(&c).len(), 1, "one VM for the container");
+    assert_eq!(vmms(&c, vmm).len(), 1, "one VM for the container");
     let exec = c.exec("svc", "e1", &["sh", "-c", "echo from exec; exit 5"]);
     assert_eq!(text(&exec.stdout), "from exec\n", "{}", text(&exec.stderr));
     assert_eq!(exec.status.code(), Some(5));
@@ -72,51 +146,86 @@ fn ctr_runs_containers_inside_a_qemu_vm_with_our_kernel() {
 
 #[test]
 fn force_deletes_of_vm_containers_under_150_task_ls_loops_never_lose_one() {
-    let test = "force_deletes_of_vm_containers_under_150_task_ls_loops_never_lose_one";
-    let Some(image) = ready(test) else { return };
-    let c = start(&image);
+    force_deletes_under_150_task_ls_loops(
+        "force_deletes_of_vm_containers_under_150_task_ls_loops_never_lose_one",
+        Vmm::Qemu,
+    );
+}
+
+#[test]
+fn force_deletes_of_builtin_vmm_containers_under_150_task_ls_loops_never_lose_one() {
+    force_deletes_under_150_task_ls_loops(
+        "force_deletes_of_builtin_vmm_containers_under_150_task_ls_loops_never_lose_one",
+        Vmm::Builtin,
+    );
+}
+
+fn force_deletes_under_150_task_ls_loops(test: &str, vmm: Vmm) {
+    let Some(image) = ready(test, vmm) else {
+        return;
+    };
+    let c = start(&image, vmm);
     let rootfs = busybox_rootfs(c.path());
     let rootfs = rootfs.to_str().unwrap();
     let ids: Vec<String> = (0..6).map(|i| format!("k{i}")).collect();
     for id in &ids {
         c.run_detached(rootfs, id, &["sleep", "1000"]);
     }
-    assert_eq!(qemus(&c).len(), 6, "one VM per container");
+    assert_eq!(vmms(&c, vmm).len(), 6, "one VM per container");
     c.force_delete_under_task_ls_load(&ids);
-    // The shim's log (in containerd's) says how each QEMU ended and names
-    // every kill: a SIGKILL that lands while QEMU is already exiting leaves
-    // its exit status 0, so the status alone cannot prove there was none.
+    // The shim's log (in containerd's) says how each VMM ended and names
+    // every signal it sent: a SIGKILL that lands while the VMM is already
+    // exiting leaves its exit status 0, so the status alone cannot prove
+    // there was none. After DestroySandbox the guest ends itself, and its
+    // VMM with it.
     let log = c.log_text();
-    let kills: Vec<&str> = log.lines().filter(|l| l.contains("killing qemu")).collect();
-    assert_eq!(kills, Vec::<&str>::new(), "QEMU was killed");
+    let process = vmm.process();
+    let signalled: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("killing {process}"))
+                || l.contains(&format!("stopping {process} with"))
+        })
+        .collect();
+    assert_eq!(signalled, Vec::<&str>::new(), "{process} was signalled");
     for id in &ids {
         let sandbox = format!("sandbox_id=\\\"{id}\\\"");
         let ended: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("msg=\"qemu ended ") && l.contains(&sandbox))
+            .filter(|l| l.contains(&format!("msg=\"{process} ended ")) && l.contains(&sandbox))
             .collect();
         assert!(
             ended.len() == 1 && ended[0].contains("exit=exited with status 0"),
-            "{id}'s QEMU ended by itself, with status 0: {ended:#?}"
+            "{id}'s {process} ended by itself, with status 0: {ended:#?}"
         );
     }
 }
 
 #[test]
 fn killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering() {
-    let test = "killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering";
-    let Some(image) = ready(test) else { return };
-    let c = start(&image);
+    killing_the_vmm_stops_its_containers(
+        "killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering",
+        Vmm::Qemu,
+    );
+}
+
+#[test]
+fn killing_kestrel_vmm_stops_its_containers_with_255_and_the_shim_keeps_answering() {
+    killing_the_vmm_stops_its_containers(
+        "killing_kestrel_vmm_stops_its_containers_with_255_and_the_shim_keeps_answering",
+        Vmm::Builtin,
+    );
+}
+
+fn killing_the_vmm_stops_its_containers(test: &str, vmm: Vmm) {
+    let Some(image) = ready(test, vmm) else {
+        return;
+    };
+    let c = start(&image, vmm);
     let rootfs = busybox_rootfs(c.path());
     c.run_detached(rootfs.to_str().unwrap(), "victim", &["sleep", "1000"]);
-    let events = c
-        .ctr_command(&["events"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("ctr events");
-    // Let it subscribe before anything happens.
-    std::thread::sleep(Duration::from_millis(500));
-    let vms = qemus(&c);
+    let events = Events::subscribe(&c);
+    let vms = vmms(&c, vmm);
     assert_eq!(vms.len(), 1);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vms[0] as i32),
@@ -140,18 +249,12 @@ fn killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering() {
     }
     let delete = c.ctr(&["task", "delete", "victim"]);
     assert!(delete.status.success(), "{}", text(&delete.stderr));
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(events.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let seen = events.wait_with_output().expect("ctr events output");
-    let seen = text(&seen.stdout);
+    let published = events.wait_for(Duration::from_secs(10), |l| {
+        l.contains("/tasks/exit") && l.contains("\"victim\"") && l.contains("\"exit_status\":255")
+    });
     assert!(
-        seen.lines().any(|l| l.contains("/tasks/exit")
-            && l.contains("\"victim\"")
-            && l.contains("\"exit_status\":255")),
-        "TaskExit with status 255 published: {seen}"
+        published.is_ok(),
+        "TaskExit with status 255 published: {published:?}"
     );
     let out = c.ctr(&["container", "delete", "victim"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -17,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
-use kestrel_tests::{binary, guest_image, run_in_nested_kvm, skip, spinning_kernel, Nested};
+use kestrel_tests::{binary, guest_image, kvm_runs_guests_here, skip, spinning_kernel};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -363,18 +363,8 @@ fn full_boot_reaches_a_serving_agent() {
     let test = "full_boot_reaches_a_serving_agent";
     // Where KVM cannot run guest user space, the test runs itself again in
     // an L1 VM whose KVM can (scripts/nested-kvm.sh).
-    if !matches!(kvm_support(), KvmSupport::Native(_)) {
-        match run_in_nested_kvm(test) {
-            Nested::RunHere => panic!(
-                "KVM in the nested-KVM harness is not native: {:?}",
-                kvm_support()
-            ),
-            Nested::Skipped => return,
-            Nested::Ran { passed, output } => {
-                assert!(passed, "in the nested-KVM harness:\n{output}");
-                return;
-            }
-        }
+    if !kvm_runs_guests_here(test) {
+        return;
     }
     let Some(image) = guest_image(test) else {
         return;

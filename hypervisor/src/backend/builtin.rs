@@ -24,6 +24,7 @@ impl Builtin {
     pub fn new(vmm_binary: PathBuf) -> Self {
         Builtin(SingleVmm::new(
             NAME,
+            "kestrel-vmm",
             "the kestrel-vmm binary",
             vmm_binary,
             "is not there or on PATH (cargo build -p kestrel-vmm builds it)",

@@ -210,9 +210,11 @@ pub(crate) struct SingleVmm {
 }
 
 impl SingleVmm {
-    /// `what` names the binary in errors, `hint` says how to get it.
+    /// `process` names the running VMM in the log, `what` names the
+    /// binary in errors, `hint` says how to get it.
     pub fn new(
         backend: &'static str,
+        process: &'static str,
         what: &'static str,
         binary: PathBuf,
         hint: &'static str,
@@ -223,7 +225,7 @@ impl SingleVmm {
             binary,
             hint,
             prepared: None,
-            vmm: Child::new(backend),
+            vmm: Child::new(process),
         }
     }
 

@@ -36,6 +36,7 @@ impl CloudHypervisor {
     pub fn new(binary: PathBuf) -> Self {
         CloudHypervisor(SingleVmm::new(
             NAME,
+            "cloud-hypervisor",
             "the cloud-hypervisor binary",
             binary,
             "is not installed (no executable file there or on PATH)",

@@ -8,6 +8,10 @@
 //! our kernel does not carry), so a configured `vmlinux` is swapped for the
 //! `bzImage` beside it. `accel = "auto"` takes KVM only where it runs
 //! guests natively, TCG otherwise.
+//!
+//! Without ACPI the guest cannot power off; after DestroySandbox it
+//! reboots, and `reboot=k` pulses reset through an i8042, which microvm
+//! lacks unless asked: with one, and `-no-reboot`, QEMU exits by itself.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -146,6 +150,8 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
         chardev,
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock0".into(),
+        "-device".into(),
+        "i8042".into(),
         "-display".into(),
         "none".into(),
         "-monitor".into(),
@@ -370,7 +376,7 @@ mod tests {
                  -m 256M -smp 1 -object memory-backend-memfd,id=mem0,size=256M,share=on \
                  -kernel /s/bzImage -initrd /s/initrd.img -append {} \
                  -chardev socket,id=vsock0,path=/s/sb/vhost-user.sock \
-                 -device vhost-user-vsock-device,chardev=vsock0 -display none -monitor none \
+                 -device vhost-user-vsock-device,chardev=vsock0 -device i8042 -display none -monitor none \
                  -no-reboot -serial file:/s/sb/console.log",
                 crate::BASE_KERNEL_PARAMS
             )
