@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_tests::{binary, busybox_rootfs, qemu_ready, require};
+use kestrel_tests::{
+    binary, busybox_rootfs, guest_image, kvm_runs_guests_here, qemu_ready, require, GuestImage,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -81,7 +83,8 @@ impl Cli {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let ours = cmdline.contains("containerd-shim-kestrel-v2")
                 || cmdline.contains("kestrel-agent")
-                || cmdline.contains("qemu-system");
+                || cmdline.contains("qemu-system")
+                || cmdline.contains("kestrel-vmm");
             if ours && cmdline.contains(&needle) {
                 found.push(cmdline);
             }
@@ -545,17 +548,46 @@ fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
     let Some(image) = qemu_ready(test) else {
         return;
     };
+    run_exec_kill_rm_in_a_vm(test, "qemu", &image);
+}
+
+/// The same on our own VMM, which `auto` picks where KVM runs guests (in
+/// the nested-KVM harness's L1 here, where `kestrel doctor` must say so).
+#[test]
+fn run_exec_kill_rm_in_the_builtin_vmm_picked_by_auto_use_the_guest_kernel() {
+    let test = "run_exec_kill_rm_in_the_builtin_vmm_picked_by_auto_use_the_guest_kernel";
+    if !kvm_runs_guests_here(test) || !require(test) {
+        return;
+    }
+    let Some(image) = guest_image(test) else {
+        return;
+    };
+    run_exec_kill_rm_in_a_vm(test, "auto", &image);
+}
+
+/// `run --rm` (output, status, the guest's kernel), then a detached
+/// container's exec, stdin, kill and rm, all with `--hypervisor hypervisor`.
+fn run_exec_kill_rm_in_a_vm(test: &str, hypervisor: &str, image: &GuestImage) {
     let cli = Cli::new(&format!(
         "[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
         image.vmlinux.display(),
         image.initrd.display()
     ));
+    if hypervisor == "auto" {
+        let out = cli.output(&["doctor"]);
+        let doctor = text(&out.stdout);
+        assert!(
+            doctor.contains("auto -> builtin: KVM is native"),
+            "{doctor}{}",
+            text(&out.stderr)
+        );
+    }
     let rootfs = cli.rootfs.to_str().unwrap().to_string();
-    let qemu_run = |id: &str, cmd: &[&str]| -> (Output, Duration) {
+    let vm_run = |id: &str, cmd: &[&str]| -> (Output, Duration) {
         let mut args = vec![
             "run",
             "--hypervisor",
-            "qemu",
+            hypervisor,
             "--rm",
             "--rootfs",
             &rootfs,
@@ -581,12 +613,12 @@ fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
         (out, to_first_line)
     };
 
-    let (out, to_first_line) = qemu_run("q1", &["sh", "-c", "echo hi; exit 3"]);
+    let (out, to_first_line) = vm_run("q1", &["sh", "-c", "echo hi; exit 3"]);
     eprintln!("{test}: exec of kestrel run to its first output line: {to_first_line:?}");
     assert_eq!(text(&out.stdout), "hi\n", "stderr: {}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(3));
 
-    let (out, _) = qemu_run("q2", &["busybox", "uname", "-r"]);
+    let (out, _) = vm_run("q2", &["busybox", "uname", "-r"]);
     let release = text(&out.stdout);
     assert!(
         release.starts_with("6.1."),
@@ -599,7 +631,7 @@ fn run_exec_kill_rm_in_a_qemu_vm_use_the_guest_kernel() {
     let out = cli.output(&[
         "run",
         "--hypervisor",
-        "qemu",
+        hypervisor,
         "-d",
         "--rootfs",
         &rootfs,
