@@ -565,6 +565,18 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
         "--nocapture".into(),
         "--test-threads=1".into(),
     ]);
+    // One L1 at a time: each is a CPU-bound TCG thread with 2 GiB, and
+    // tests run in parallel; side by side they only slow each other down
+    // (and the guests' timing-bound assertions with them).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("kestrel-nested-kvm.lock"))
+        .expect("opening the nested-KVM lock file");
+    let _one_at_a_time = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("locking the nested-KVM lock file");
     let output = Command::new(script)
         .arg("--")
         .args(&inner)
