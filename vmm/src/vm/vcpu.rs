@@ -74,7 +74,7 @@ impl ExitSlot {
 }
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
