@@ -170,6 +170,14 @@ impl VhostUserBackend for VsockBackend {
         self.confine_worker()?;
         let mut guard = self.lock();
         let state = &mut *guard;
+        if device_event == MUXER_EVENT {
+            // Even before there is guest memory: the muxer's fd is
+            // level-triggered, so a host connection left in the listener's
+            // backlog would wake this thread again at once, for as long as
+            // the guest takes to boot. What the host sends waits in the
+            // muxer for the guest.
+            state.muxer.process();
+        }
         let Some(atomic) = state.mem.clone() else {
             // Events before the front end described guest memory: nothing to
             // move yet (the muxer keeps what it has).
@@ -180,18 +188,15 @@ impl VhostUserBackend for VsockBackend {
             return Ok(());
         };
         let mut tx_used = false;
-        match device_event {
-            MUXER_EVENT => state.muxer.process(),
-            e if usize::from(e) == TX_QUEUE => {
-                tx_used = process_tx(
-                    &*mem,
-                    tx.get_mut().get_queue_mut(),
-                    &mut state.muxer,
-                    &mut state.scratch,
-                );
-            }
-            // RX kicks bring buffers; the event queue is unused.
-            _ => {}
+        // RX kicks bring buffers, for the RX pass below; the event queue is
+        // unused.
+        if usize::from(device_event) == TX_QUEUE {
+            tx_used = process_tx(
+                &*mem,
+                tx.get_mut().get_queue_mut(),
+                &mut state.muxer,
+                &mut state.scratch,
+            );
         }
         let rx_used = process_rx(
             &*mem,
