@@ -7,10 +7,12 @@
 //!   Firecracker-style hybrid Unix socket), independent of any transport.
 //! - [`vhost_user`]: the same core served to QEMU as a vhost-user vsock
 //!   backend (`kestrel-vmm vhost-user-vsock`).
+//! - [`seccomp`]: the per-thread seccomp filters both modes run under.
 //!
 //! The host runtime never links this crate: it starts the `kestrel-vmm`
 //! binary through `kestrel-hypervisor`'s builtin and qemu backends.
 
+pub mod seccomp;
 pub mod vhost_user;
 pub mod vm;
 pub mod vsock;

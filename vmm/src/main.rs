@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use kestrel_vmm::seccomp::{self, Filter, ThreadKind};
 use kestrel_vmm::vm::{SerialOut, Vm, VmConfig, VmExit, VmShape, DEFAULT_CMDLINE};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -51,6 +52,12 @@ struct Args {
     /// Log level for the VMM's own messages (on stderr).
     #[arg(long, default_value = "warn", global = true)]
     log_level: tracing::Level,
+    /// Run without seccomp filters, for debugging. By default each thread
+    /// confines itself to the system calls it needs, and any other call
+    /// ends kestrel-vmm with exit status 148 after a line on stderr naming
+    /// the thread and the call.
+    #[arg(long, global = true)]
+    no_seccomp: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -83,7 +90,7 @@ fn main() -> ExitCode {
         guest_cid,
     }) = args.command
     {
-        return match serve_vhost_user(&socket, &uds, guest_cid) {
+        return match serve_vhost_user(&socket, &uds, guest_cid, !args.no_seccomp) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("kestrel-vmm vhost-user-vsock: {e:#}");
@@ -124,6 +131,7 @@ fn run(args: Args) -> anyhow::Result<VmExit> {
             "stdout" => SerialOut::Stdout,
             path => SerialOut::File(path.into()),
         },
+        seccomp: !args.no_seccomp,
     };
     let vm = Vm::new(&config)?;
     let exit = vm.run(Some(stop.as_fd()))?;
@@ -149,19 +157,19 @@ fn stop_signal_fd() -> anyhow::Result<SignalFd> {
 
 /// Serves the vsock device until QEMU disconnects, or until SIGTERM /
 /// SIGINT; either way the sockets are removed.
-fn serve_vhost_user(socket: &Path, uds: &Path, cid: u64) -> anyhow::Result<()> {
+fn serve_vhost_user(socket: &Path, uds: &Path, cid: u64, seccomp: bool) -> anyhow::Result<()> {
     let stop = stop_signal_fd()?;
     let (socket_path, uds_path) = (socket.to_path_buf(), uds.to_path_buf());
-    std::thread::Builder::new()
-        .name("stop-signals".into())
-        .spawn(move || {
-            if stop.read_signal().is_ok() {
-                let _ = std::fs::remove_file(&socket_path);
-                let _ = std::fs::remove_file(&uds_path);
-                std::process::exit(0);
-            }
-        })
-        .context("starting the signal thread")?;
-    kestrel_vmm::vhost_user::serve(socket, uds, cid)?;
+    let filter = seccomp
+        .then(|| Filter::new(ThreadKind::Signals))
+        .transpose()?;
+    seccomp::spawn_confined("stop-signals", filter, move || {
+        if stop.read_signal().is_ok() {
+            let _ = std::fs::remove_file(&socket_path);
+            let _ = std::fs::remove_file(&uds_path);
+            std::process::exit(0);
+        }
+    })?;
+    kestrel_vmm::vhost_user::serve(socket, uds, cid, seccomp)?;
     Ok(())
 }

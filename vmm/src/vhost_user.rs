@@ -6,7 +6,15 @@
 //! builtin VMM. `vhost-user-backend` does the protocol and the vring event
 //! loop; this module is the device: which queues, which features, what to do
 //! on a kick.
+//!
+//! Seccomp: `vhost-user-backend` starts its threads itself, with no hook of
+//! ours to run first. The vring worker, which moves the guest's packets,
+//! starts before [`serve`] confines anything and confines itself with the
+//! vsock filter on its first event, before it reads a byte the guest
+//! wrote. The protocol thread starts after, from [`serve`]'s thread, and
+//! inherits the vhost-user filter that thread installed.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +27,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::seccomp::{Filter, ThreadKind};
 use crate::vsock::queue::{process_rx, process_tx, Scratch, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::vsock::{Muxer, MuxerConfig};
 
@@ -36,6 +45,8 @@ pub enum Error {
     Daemon(String),
     #[error("the vhost-user socket {0} already exists")]
     SocketExists(PathBuf),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 struct State {
@@ -48,6 +59,9 @@ struct State {
 pub struct VsockBackend {
     cid: u64,
     state: Mutex<State>,
+    /// What the vring worker confines itself with; `None` with
+    /// `--no-seccomp`.
+    worker_filter: Option<Filter>,
 }
 
 impl std::fmt::Debug for VsockBackend {
@@ -59,8 +73,9 @@ impl std::fmt::Debug for VsockBackend {
 }
 
 impl VsockBackend {
-    /// Binds the hybrid socket `uds` for guest `cid`.
-    pub fn new(cid: u64, uds: &Path) -> Result<VsockBackend, Error> {
+    /// Binds the hybrid socket `uds` for guest `cid`; the vring worker will
+    /// confine itself with `worker_filter`.
+    pub fn new(cid: u64, uds: &Path, worker_filter: Option<Filter>) -> Result<VsockBackend, Error> {
         let muxer = Muxer::new(MuxerConfig::new(cid, uds))?;
         Ok(VsockBackend {
             cid,
@@ -69,7 +84,27 @@ impl VsockBackend {
                 scratch: Scratch::default(),
                 mem: None,
             }),
+            worker_filter,
         })
+    }
+
+    /// Confines the calling vring worker, once: see the module doc.
+    fn confine_worker(&self) -> std::io::Result<()> {
+        thread_local! {
+            static CONFINED: Cell<bool> = const { Cell::new(false) };
+        }
+        let Some(filter) = &self.worker_filter else {
+            return Ok(());
+        };
+        if CONFINED.get() {
+            return Ok(());
+        }
+        if let Err(e) = filter.install() {
+            tracing::error!(error = %e, "the vring worker stops");
+            return Err(std::io::Error::other(e));
+        }
+        CONFINED.set(true);
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -132,8 +167,17 @@ impl VhostUserBackend for VsockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        self.confine_worker()?;
         let mut guard = self.lock();
         let state = &mut *guard;
+        if device_event == MUXER_EVENT {
+            // Even before there is guest memory: the muxer's fd is
+            // level-triggered, so a host connection left in the listener's
+            // backlog would wake this thread again at once, for as long as
+            // the guest takes to boot. What the host sends waits in the
+            // muxer for the guest.
+            state.muxer.process();
+        }
         let Some(atomic) = state.mem.clone() else {
             // Events before the front end described guest memory: nothing to
             // move yet (the muxer keeps what it has).
@@ -144,18 +188,15 @@ impl VhostUserBackend for VsockBackend {
             return Ok(());
         };
         let mut tx_used = false;
-        match device_event {
-            MUXER_EVENT => state.muxer.process(),
-            e if usize::from(e) == TX_QUEUE => {
-                tx_used = process_tx(
-                    &*mem,
-                    tx.get_mut().get_queue_mut(),
-                    &mut state.muxer,
-                    &mut state.scratch,
-                );
-            }
-            // RX kicks bring buffers; the event queue is unused.
-            _ => {}
+        // RX kicks bring buffers, for the RX pass below; the event queue is
+        // unused.
+        if usize::from(device_event) == TX_QUEUE {
+            tx_used = process_tx(
+                &*mem,
+                tx.get_mut().get_queue_mut(),
+                &mut state.muxer,
+                &mut state.scratch,
+            );
         }
         let rx_used = process_rx(
             &*mem,
@@ -173,12 +214,20 @@ impl VhostUserBackend for VsockBackend {
     }
 }
 
-/// Serves one front end (one VM) on `socket` until it disconnects.
-pub fn serve(socket: &Path, uds: &Path, cid: u64) -> Result<(), Error> {
+/// Serves one front end (one VM) on `socket` until it disconnects. With
+/// `seccomp`, the calling thread confines itself once the backend is set up
+/// (see the module doc): after this returns it may only log and exit.
+pub fn serve(socket: &Path, uds: &Path, cid: u64, seccomp: bool) -> Result<(), Error> {
     if socket.symlink_metadata().is_ok() {
         return Err(Error::SocketExists(socket.to_path_buf()));
     }
-    let backend = Arc::new(VsockBackend::new(cid, uds)?);
+    let filter = |kind| seccomp.then(|| Filter::new(kind)).transpose();
+    let (worker_filter, serve_filter) =
+        (filter(ThreadKind::Vsock)?, filter(ThreadKind::VhostUser)?);
+    let backend = Arc::new(VsockBackend::new(cid, uds, worker_filter)?);
+    // Removed on this thread when `serve` returns: whichever thread drops
+    // the backend last may not remove files.
+    let _uds_file = backend.lock().muxer.take_socket_file();
     let mut daemon = VhostUserDaemon::new(
         "kestrel-vsock".into(),
         backend.clone(),
@@ -193,6 +242,9 @@ pub fn serve(socket: &Path, uds: &Path, cid: u64) -> Result<(), Error> {
     handler
         .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_EVENT))
         .map_err(|e| Error::Daemon(format!("watching the vsock sockets: {e}")))?;
+    if let Some(filter) = serve_filter {
+        filter.install()?;
+    }
     let result = daemon
         .serve(socket)
         .map_err(|e| Error::Daemon(e.to_string()));

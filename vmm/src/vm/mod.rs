@@ -7,6 +7,10 @@
 //! up) without running the guest; [`Vm::run`] starts the vCPUs and waits
 //! until the guest ends, a vCPU meets an exit it cannot handle, or the
 //! caller's stop fd becomes readable.
+//!
+//! Each thread confines itself with its [`crate::seccomp`] filter as it
+//! starts (the vsock device thread in [`Vm::new`], the vCPU threads and
+//! then the calling thread in [`Vm::run`]), unless the config says not to.
 
 pub mod boot;
 pub mod bus;
@@ -38,6 +42,9 @@ use self::vcpu::{ExitSlot, VcpuThread};
 use self::virtio::mmio::MMIO_LEN;
 use self::virtio::vsock::VsockDevice;
 use self::virtio::{GuestMemoryMmap, MmioTransport};
+use crate::seccomp::{Filter, ThreadKind};
+use crate::vsock::unix::SocketFile;
+use crate::vsock::{Muxer, MuxerConfig};
 
 /// The command line used when the caller gives none: the one our guest
 /// image boots with.
@@ -76,6 +83,9 @@ pub struct VmConfig {
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: u64,
     pub serial: SerialOut,
+    /// Whether the VMM's threads confine themselves with seccomp filters
+    /// (`--no-seccomp` turns it off).
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -88,6 +98,7 @@ impl VmConfig {
             vsock_uds: None,
             vsock_cid: crate::vsock::DEFAULT_GUEST_CID,
             serial: SerialOut::Stdout,
+            seccomp: true,
         }
     }
 }
@@ -117,6 +128,10 @@ pub enum VmmError {
     Cmdline(String),
     #[error(transparent)]
     Vsock(#[from] crate::vsock::Error),
+    #[error(transparent)]
+    VsockDevice(#[from] self::virtio::vsock::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     #[error("wiring the devices: {0}")]
     Devices(String),
     #[error("{what}: {source}")]
@@ -148,7 +163,9 @@ pub struct Vm {
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitSlot>,
-    vsock_uds: Option<PathBuf>,
+    /// The hybrid vsock socket's file, removed with the VM.
+    vsock_socket: Option<SocketFile>,
+    seccomp: bool,
 }
 
 impl Vm {
@@ -203,13 +220,16 @@ impl Vm {
         let i8042 = I8042::new(reset);
         insert(&mut pio, Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
 
+        // Bound now, so a taken path is reported before the guest boots;
+        // removed when `vsock_socket` drops, on this thread or the one
+        // `Vm::run` runs on (see `Muxer::take_socket_file`).
+        let mut vsock_socket = None;
         if let Some(uds) = &config.vsock_uds {
-            let device = VsockDevice::new(config.vsock_cid, uds)?;
-            let result = add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), 0);
-            if let Err(e) = result {
-                let _ = std::fs::remove_file(uds);
-                return Err(e);
-            }
+            let mut muxer = Muxer::new(MuxerConfig::new(config.vsock_cid, uds))?;
+            vsock_socket = muxer.take_socket_file();
+            let filter = filter_if(config.seccomp, ThreadKind::Vsock)?;
+            let device = VsockDevice::new(muxer, filter)?;
+            add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), 0)?;
         }
 
         let vcpu_count = config.shape.vcpus;
@@ -230,13 +250,19 @@ impl Vm {
             pio,
             mmio,
             exit,
-            vsock_uds: config.vsock_uds.clone(),
+            vsock_socket,
+            seccomp: config.seccomp,
         })
     }
 
     /// Runs the guest until it ends, a vCPU fails, or `stop` is readable.
     /// Removes the vsock socket before returning.
+    ///
+    /// Once the vCPUs run, the calling thread confines itself with the VMM
+    /// filter: after this returns it may only log and exit.
     pub fn run(mut self, stop: Option<BorrowedFd<'_>>) -> Result<VmExit, VmmError> {
+        let vcpu_filter = filter_if(self.seccomp, ThreadKind::Vcpu)?;
+        let vmm_filter = filter_if(self.seccomp, ThreadKind::Vmm)?;
         vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let halt = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<VcpuThread> = Vec::new();
@@ -249,17 +275,18 @@ impl Vm {
                 self.mmio.clone(),
                 self.exit.clone(),
                 halt.clone(),
+                vcpu_filter.clone(),
             );
             match started {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
-                    outcome = Err(VmmError::Io {
-                        what: "starting a vCPU thread",
-                        source: e,
-                    });
+                    outcome = Err(e.into());
                     break;
                 }
             }
+        }
+        if let (Ok(()), Some(filter)) = (&outcome, &vmm_filter) {
+            outcome = filter.install().map_err(VmmError::from);
         }
         let exit = match outcome {
             Ok(()) => Ok(self.wait(stop)),
@@ -269,9 +296,7 @@ impl Vm {
         for thread in threads {
             thread.stop(Duration::from_millis(500));
         }
-        if let Some(uds) = &self.vsock_uds {
-            let _ = std::fs::remove_file(uds);
-        }
+        drop(self.vsock_socket.take());
         exit
     }
 
@@ -312,6 +337,11 @@ impl Vm {
             }
         }
     }
+}
+
+/// `kind`'s filter, or `None` where seccomp is off.
+fn filter_if(seccomp: bool, kind: ThreadKind) -> Result<Option<Filter>, VmmError> {
+    Ok(seccomp.then(|| Filter::new(kind)).transpose()?)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::Bus;
+use crate::seccomp::{self, Filter};
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +75,7 @@ impl ExitSlot {
 }
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
@@ -89,10 +90,11 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 
 #[derive(Debug)]
 pub struct VcpuThread {
-    handle: JoinHandle<()>,
+    handle: JoinHandle<Option<()>>,
 }
 
-/// Starts vCPU `id` running the guest.
+/// Starts vCPU `id` running the guest, once its thread has confined itself
+/// with `seccomp`, the vCPU filter (`None` with `--no-seccomp`).
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
@@ -100,14 +102,13 @@ pub fn spawn(
     mmio: Bus,
     exit: Arc<ExitSlot>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<VcpuThread> {
-    let handle = std::thread::Builder::new()
-        .name(format!("kestrel-vcpu{id}"))
-        .spawn(move || {
-            if let Some(reason) = run(id, &mut vcpu, &pio, &mmio, &stop) {
-                exit.report(reason);
-            }
-        })?;
+    seccomp: Option<Filter>,
+) -> Result<VcpuThread, seccomp::Error> {
+    let handle = seccomp::spawn_confined(&format!("kestrel-vcpu{id}"), seccomp, move || {
+        if let Some(reason) = run(id, &mut vcpu, &pio, &mmio, &stop) {
+            exit.report(reason);
+        }
+    })?;
     Ok(VcpuThread { handle })
 }
 

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::Connection;
-use super::unix::{self, Handshake, HandshakeStep};
+use super::unix::{self, Handshake, HandshakeStep, SocketFile};
 use super::{op, Error, Header, CONN_BUF_SIZE, DEFAULT_MAX_CONNECTIONS, HOST_CID};
 
 /// Host ports we give host-initiated connections start here, out of the
@@ -53,6 +53,8 @@ type ConnKey = (u32, u32);
 #[derive(Debug)]
 pub struct Muxer {
     config: MuxerConfig,
+    /// Until the owner takes it (see [`Muxer::take_socket_file`]).
+    socket_file: Option<SocketFile>,
     epoll: Epoll,
     listener: UnixListener,
     timer: TimerFd,
@@ -76,12 +78,10 @@ impl Muxer {
     /// Binds the hybrid socket and sets up the event set.
     pub fn new(config: MuxerConfig) -> Result<Muxer, Error> {
         let listener = unix::bind(&config.uds_path)?;
-        let cleanup = |e| {
-            let _ = std::fs::remove_file(&config.uds_path);
-            Error::Epoll(e)
-        };
-        let epoll = Epoll::new().map_err(cleanup)?;
-        let timer = TimerFd::new().map_err(|e| cleanup(std::io::Error::from(e)))?;
+        // From here on, an error removes the socket as it returns.
+        let socket_file = SocketFile::new(&config.uds_path);
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| Error::Epoll(e.into()))?;
         for fd in [listener.as_raw_fd(), timer.as_raw_fd()] {
             epoll
                 .ctl(
@@ -89,10 +89,11 @@ impl Muxer {
                     fd,
                     EpollEvent::new(EventSet::IN, fd as u64),
                 )
-                .map_err(cleanup)?;
+                .map_err(Error::Epoll)?;
         }
         Ok(Muxer {
             config,
+            socket_file: Some(socket_file),
             epoll,
             listener,
             timer,
@@ -107,6 +108,15 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             events: vec![EpollEvent::default(); 64],
         })
+    }
+
+    /// Hands the hybrid socket's file to the caller, who removes it by
+    /// dropping it; until then the muxer removes it when dropped. An owner
+    /// takes it so the file goes on the owner's thread: the thread that
+    /// drops the muxer last may be a device thread whose seccomp filter
+    /// does not allow removing files.
+    pub fn take_socket_file(&mut self) -> Option<SocketFile> {
+        self.socket_file.take()
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -450,11 +460,5 @@ impl Muxer {
             Ok(()) => self.timer_armed = on,
             Err(e) => tracing::warn!(error = %e, "arming the vsock deadline timer"),
         }
-    }
-}
-
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config.uds_path);
     }
 }

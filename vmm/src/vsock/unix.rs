@@ -36,6 +36,22 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
+/// The hybrid socket's file, removed when this is dropped.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub fn new(path: &Path) -> SocketFile {
+        SocketFile(path.to_path_buf())
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Where a guest connection to host port `port` goes.
 pub fn guest_target(uds_path: &Path, port: u32) -> PathBuf {
     let mut name = uds_path.as_os_str().to_owned();

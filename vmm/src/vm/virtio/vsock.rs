@@ -1,9 +1,16 @@
 //! The builtin VMM's virtio-vsock device: the transport-independent core in
 //! [`crate::vsock`] behind the [`VirtioDevice`] interface, served by a
-//! thread of its own once the driver activates it.
+//! thread of its own.
+//!
+//! The thread starts with the device, before any vCPU runs, and lives as
+//! long as it: it confines itself with the vsock seccomp filter at once,
+//! so a vCPU's MMIO write that activates the device never has to start a
+//! thread (which the vCPU filter does not allow). Activation hands it the
+//! queues; a reset takes them back, and it waits for the next activation.
 
+use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -14,41 +21,102 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
+use crate::seccomp::{self, Filter};
 use crate::vsock::queue::{
     process_rx, process_tx, Scratch, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
-use crate::vsock::{Muxer, MuxerConfig};
+use crate::vsock::Muxer;
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Epoll tokens beyond the queue indices.
 const MUXER_TOKEN: u64 = NUM_QUEUES as u64;
 const KILL_TOKEN: u64 = NUM_QUEUES as u64 + 1;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] crate::vsock::Error),
+    #[error(transparent)]
+    Thread(#[from] seccomp::Error),
+}
+
 #[derive(Debug)]
 pub struct VsockDevice {
     cid: u64,
-    /// The core, held here until activation and while reset.
-    muxer: Option<Muxer>,
+    /// Whether the thread is serving queues (activated, not reset since).
+    active: bool,
     worker: Option<Worker>,
 }
 
+/// The device's end of its thread.
 #[derive(Debug)]
 struct Worker {
+    /// Activations; dropping it ends the thread.
+    activations: Sender<Serving>,
+    /// One answer per activation (whether it serves) and per kill (it
+    /// stopped serving).
+    answers: Receiver<io::Result<()>>,
+    /// Makes the serving thread give the queues back.
     kill: EventFd,
-    thread: JoinHandle<Muxer>,
+    thread: JoinHandle<Option<()>>,
+}
+
+/// What the thread serves between an activation and a reset.
+struct Serving {
+    mem: GuestMemoryAtomic,
+    interrupt: Arc<dyn Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
 }
 
 impl VsockDevice {
-    /// Binds the hybrid socket at once, so a taken path is reported before
-    /// the guest boots.
-    pub fn new(cid: u64, uds_path: &Path) -> Result<VsockDevice, crate::vsock::Error> {
-        let muxer = Muxer::new(MuxerConfig::new(cid, uds_path))?;
+    /// Serves `muxer`'s connections to the guest. Starts the device thread,
+    /// which confines itself with `seccomp` (the vsock filter; `None` with
+    /// `--no-seccomp`) before this returns.
+    pub fn new(muxer: Muxer, seccomp: Option<Filter>) -> Result<VsockDevice, Error> {
+        let cid = muxer.guest_cid();
+        let io_err = |e| Error::Core(crate::vsock::Error::Epoll(e));
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+        let epoll = Epoll::new().map_err(io_err)?;
+        for (fd, token) in [
+            (muxer.as_raw_fd(), MUXER_TOKEN),
+            (kill.as_raw_fd(), KILL_TOKEN),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(io_err)?;
+        }
+        let (activations, activated) = mpsc::channel();
+        let (answer, answers) = mpsc::channel();
+        let mut core = Core {
+            epoll,
+            kill: kill.try_clone().map_err(io_err)?,
+            muxer,
+            scratch: Scratch::default(),
+        };
+        let thread = seccomp::spawn_confined("kestrel-vsock", seccomp, move || {
+            core.run(&activated, &answer);
+        })?;
         Ok(VsockDevice {
             cid,
-            muxer: Some(muxer),
-            worker: None,
+            active: false,
+            worker: Some(Worker {
+                activations,
+                answers,
+                kill,
+                thread,
+            }),
         })
     }
+}
+
+/// The thread is gone: it met an error it logged.
+fn thread_gone() -> ActivateError {
+    ActivateError::Device("the vsock device thread has stopped".into())
 }
 
 impl VirtioDevice for VsockDevice {
@@ -93,54 +161,38 @@ impl VirtioDevice for VsockDevice {
                 queues.len()
             )));
         }
-        let muxer = self
-            .muxer
-            .take()
-            .ok_or_else(|| ActivateError::Device("vsock device is already active".into()))?;
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let watch = |fd, token| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        let mut registered = Ok(());
-        for (i, evt) in queue_evts.iter().enumerate() {
-            registered = registered.and_then(|()| watch(evt.as_raw_fd(), i as u64));
+        if self.active {
+            return Err(ActivateError::Device(
+                "vsock device is already active".into(),
+            ));
         }
-        registered = registered
-            .and_then(|()| watch(muxer.as_raw_fd(), MUXER_TOKEN))
-            .and_then(|()| watch(kill.as_raw_fd(), KILL_TOKEN));
-        if let Err(e) = registered {
-            self.muxer = Some(muxer);
-            return Err(e.into());
-        }
-        let state = Serving {
-            epoll,
+        let worker = self.worker.as_ref().ok_or_else(thread_gone)?;
+        let serving = Serving {
             mem,
             interrupt,
             queues,
             queue_evts,
-            muxer,
-            scratch: Scratch::default(),
         };
-        let thread = std::thread::Builder::new()
-            .name("kestrel-vsock".into())
-            .spawn(move || state.run())?;
-        self.worker = Some(Worker { kill, thread });
+        worker
+            .activations
+            .send(serving)
+            .map_err(|_| thread_gone())?;
+        worker.answers.recv().map_err(|_| thread_gone())??;
+        self.active = true;
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        let Some(worker) = self.worker.take() else {
+        if !self.active {
             return true;
+        }
+        let Some(worker) = &self.worker else {
+            return false;
         };
         let _ = worker.kill.write(1);
-        match worker.thread.join() {
-            Ok(muxer) => {
-                self.muxer = Some(muxer);
+        match worker.answers.recv() {
+            Ok(_) => {
+                self.active = false;
                 true
             }
             Err(_) => false,
@@ -151,50 +203,100 @@ impl VirtioDevice for VsockDevice {
 impl Drop for VsockDevice {
     fn drop(&mut self) {
         self.reset();
+        if let Some(worker) = self.worker.take() {
+            drop(worker.activations);
+            let _ = worker.thread.join();
+        }
     }
 }
 
-/// Everything the device thread owns while the device is active.
-struct Serving {
+/// What the device thread owns for the device's lifetime.
+struct Core {
+    /// The muxer and the kill event, and while active the queue events.
     epoll: Epoll,
-    mem: GuestMemoryAtomic,
-    interrupt: Arc<dyn Interrupt>,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    kill: EventFd,
     muxer: Muxer,
     scratch: Scratch,
 }
 
+impl Core {
+    /// Serves each activation until its reset, until the device is
+    /// dropped.
+    fn run(&mut self, activations: &Receiver<Serving>, answer: &Sender<io::Result<()>>) {
+        while let Ok(mut serving) = activations.recv() {
+            if let Err(e) = self.watch(&serving.queue_evts) {
+                let _ = answer.send(Err(e));
+                continue;
+            }
+            let _ = answer.send(Ok(()));
+            let outcome = serving.run(self);
+            self.unwatch(&serving.queue_evts);
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "vsock device event loop failed; the device stops");
+                return;
+            }
+            let _ = answer.send(Ok(()));
+        }
+    }
+
+    /// Adds the queue events to the set, all or none.
+    fn watch(&self, queue_evts: &[EventFd]) -> io::Result<()> {
+        for (i, evt) in queue_evts.iter().enumerate() {
+            let added = self.epoll.ctl(
+                ControlOperation::Add,
+                evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            );
+            if let Err(e) = added {
+                self.unwatch(&queue_evts[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes queue events out of the set: the transport keeps them for the
+    /// next activation.
+    fn unwatch(&self, queue_evts: &[EventFd]) {
+        for evt in queue_evts {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                evt.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+}
+
 impl Serving {
-    /// Serves until told to stop; hands the core back for a later
-    /// activation.
-    fn run(mut self) -> Muxer {
+    /// Serves until killed; an `Err` is an event loop that cannot go on.
+    fn run(&mut self, core: &mut Core) -> io::Result<()> {
         let mut events = [EpollEvent::default(); NUM_QUEUES + 2];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let n = match core.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "vsock device event loop failed; the device stops");
-                    return self.muxer;
-                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
             let mut used = false;
             for event in &events[..n] {
                 match event.data() {
-                    KILL_TOKEN => return self.muxer,
-                    MUXER_TOKEN => self.muxer.process(),
+                    KILL_TOKEN => {
+                        let _ = core.kill.read();
+                        return Ok(());
+                    }
+                    MUXER_TOKEN => core.muxer.process(),
                     token => {
                         let _ = self.queue_evts[token as usize].read();
                         // RX kicks (new buffers) and event-queue kicks
                         // need nothing beyond the RX pass below.
                         if token as usize == TX_QUEUE {
-                            used |= self.tx();
+                            used |= self.tx(core);
                         }
                     }
                 }
             }
-            used |= self.rx();
+            used |= self.rx(core);
             if used {
                 if let Err(e) = self.interrupt.signal_used_queue() {
                     tracing::warn!(error = %e, "signalling the vsock interrupt");
@@ -203,23 +305,23 @@ impl Serving {
         }
     }
 
-    fn tx(&mut self) -> bool {
+    fn tx(&mut self, core: &mut Core) -> bool {
         let mem = self.mem.memory();
         process_tx(
             &*mem,
             &mut self.queues[TX_QUEUE],
-            &mut self.muxer,
-            &mut self.scratch,
+            &mut core.muxer,
+            &mut core.scratch,
         )
     }
 
-    fn rx(&mut self) -> bool {
+    fn rx(&mut self, core: &mut Core) -> bool {
         let mem = self.mem.memory();
         process_rx(
             &*mem,
             &mut self.queues[RX_QUEUE],
-            &mut self.muxer,
-            &mut self.scratch,
+            &mut core.muxer,
+            &mut core.scratch,
         )
     }
 }
