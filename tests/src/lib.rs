@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod shim;
+pub mod vmm_memory;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
