@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use kestrel_hypervisor::backend::select::{kvm_support, KvmSupport};
 use kestrel_tests::spinning_kernel;
+use kestrel_tests::vmm_memory::{rss_beyond_guest, Rss};
 use kestrel_vmm::vm::vcpu::T0_ENV;
 use nix::sys::signal::{kill, Signal};
 use nix::time::{clock_gettime, ClockId};
@@ -69,72 +70,6 @@ fn since_exec_us(line: &str) -> Option<u64> {
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
-}
-
-/// Memory of one process, in KiB.
-struct Rss {
-    /// Resident outside the guest RAM mapping.
-    beyond_guest: u64,
-    /// The part of `beyond_guest` no other process shares (not libc's
-    /// pages, for one).
-    private_beyond_guest: u64,
-    /// VmRSS.
-    total: u64,
-}
-
-/// One mapping of /proc/PID/smaps, sizes in KiB.
-#[derive(Default)]
-struct Mapping {
-    anonymous: bool,
-    size: u64,
-    rss: u64,
-    private: u64,
-}
-
-/// Sums Rss over `pid`'s mappings except the anonymous one of
-/// `guest_kib`; `None` if no such mapping exists.
-fn rss(pid: u32, guest_kib: u64) -> Option<Rss> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut beyond_guest, mut private_beyond_guest, mut found_guest) = (0, 0, false);
-    let mut current: Option<Mapping> = None;
-    let mut finish = |m: Option<Mapping>| {
-        if let Some(m) = m {
-            if m.anonymous && m.size == guest_kib && !found_guest {
-                found_guest = true;
-            } else {
-                beyond_guest += m.rss;
-                private_beyond_guest += m.private;
-            }
-        }
-    };
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let Some(first) = fields.next() else { continue };
-        if first.ends_with(':') {
-            let kib = fields.next().and_then(|v| v.parse::<u64>().ok());
-            if let (Some(m), Some(kib)) = (current.as_mut(), kib) {
-                match first {
-                    "Size:" => m.size = kib,
-                    "Rss:" => m.rss = kib,
-                    "Private_Clean:" | "Private_Dirty:" => m.private += kib,
-                    _ => {}
-                }
-            }
-        } else {
-            // A mapping's header: range, perms, offset, device, inode, [path].
-            finish(current.take());
-            current = Some(Mapping {
-                anonymous: line.split_whitespace().nth(5).is_none(),
-                ..Mapping::default()
-            });
-        }
-    }
-    finish(current);
-    found_guest.then(|| Rss {
-        beyond_guest,
-        private_beyond_guest,
-        total: kestrel_tests::rss_kib(pid),
-    })
 }
 
 struct Sample {
@@ -189,7 +124,7 @@ fn run_once(vmm: &Path, kernel: &Path, dir: &Path, n: usize) -> Sample {
         }
     };
     let pid = child.id();
-    let rss = rss(pid, GUEST_MIB * 1024)
+    let rss = rss_beyond_guest(pid, GUEST_MIB * 1024)
         .unwrap_or_else(|| panic!("kestrel-vmm {pid} has no anonymous {GUEST_MIB} MiB mapping"));
 
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM");

@@ -24,13 +24,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_host::agent_client::AgentClient;
-use kestrel_host::dial::{connect, Address};
-use kestrel_host::rootfs::{copy_into_guest, guest_rootfs_path, CHUNK, GUEST_SHARED_DIR};
-use kestrel_protocols::agent::CopyFileRequest;
-use kestrel_protocols::health::{health_check_response::ServingStatus, CheckRequest};
+use kestrel_host::dial::Address;
+use kestrel_host::rootfs::CHUNK;
+use kestrel_protocols::health::CheckRequest;
 use kestrel_protocols::health_ttrpc::HealthClient;
 use kestrel_protocols::ttrpc::context;
-use kestrel_tests::{busybox_rootfs, create_request, percentile, pseudo_random, spec, BUSYBOX};
+use kestrel_tests::guest_agent::{self, console_tail, wait_serving, Serving};
+use kestrel_tests::{busybox_rootfs, percentile, pseudo_random, BUSYBOX};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -237,7 +237,7 @@ struct Vm {
 
 impl Vm {
     fn console_tail(&self) -> String {
-        console_tail(&self.dir.path().join("console.log"))
+        console_tail(&self.dir.path().join("console.log"), 20)
     }
 
     /// CPU time the backend and QEMU have used so far.
@@ -299,12 +299,6 @@ fn cpu_time(pid: u32) -> Duration {
         .filter(|&hz| hz > 0)
         .unwrap_or(100) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
-
-fn console_tail(path: &Path) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Starts `backend`, boots QEMU on it and waits until the agent answers
@@ -379,55 +373,33 @@ async fn boot(backend: &Backend, image: &Image) -> Result<Vm, String> {
         path: uds.clone(),
         port: kestrel_protocols::AGENT_VSOCK_PORT,
     };
-    let mut last = String::from("nothing tried yet");
-    loop {
-        if started.elapsed() > BOOT_DEADLINE {
-            return Err(format!(
-                "{}: no SERVING agent after {BOOT_DEADLINE:?} ({last}); console:\n{}",
-                backend.name,
-                console_tail(&console)
-            ));
+    let qemu_log = dir.path().join("qemu.log");
+    let qemu = &mut procs.qemu;
+    let serving = wait_serving(&address, &console, BOOT_DEADLINE, || {
+        match qemu.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) => Err(format!(
+                "QEMU exited during boot: {}",
+                std::fs::read_to_string(&qemu_log).unwrap_or_default()
+            )),
+            _ => Ok(()),
         }
-        if let Some(q) = procs.qemu.as_mut() {
-            if matches!(q.try_wait(), Ok(Some(_))) {
-                return Err(format!(
-                    "{}: QEMU exited during boot: {}\nconsole:\n{}",
-                    backend.name,
-                    std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default(),
-                    console_tail(&console)
-                ));
-            }
-        }
-        let client = match connect(&address, Duration::from_secs(1)).await {
-            Ok(client) => client,
-            Err(e) => {
-                last = e.to_string();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let health = HealthClient::new(client.clone());
-        match health
-            .check(
-                context::with_duration(Duration::from_secs(2)),
-                &CheckRequest::new(),
-            )
-            .await
-        {
-            Ok(resp) if resp.status.enum_value() == Ok(ServingStatus::SERVING) => {
-                return Ok(Vm {
-                    boot: started.elapsed(),
-                    client: AgentClient::from_client(client, Duration::from_secs(60)),
-                    health,
-                    procs,
-                    dir,
-                });
-            }
-            Ok(resp) => last = format!("Health.Check answered {:?}", resp.status),
-            Err(e) => last = format!("Health.Check: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .map_err(|e| {
+        format!(
+            "{}: {e}; console:\n{}",
+            backend.name,
+            console_tail(&console, 20)
+        )
+    })?;
+    let Serving { client, health } = serving;
+    Ok(Vm {
+        boot: started.elapsed(),
+        client,
+        health,
+        procs,
+        dir,
+    })
 }
 
 async fn checks(vm: &Vm, n: usize, out: &mut Vec<Duration>) {
@@ -442,87 +414,11 @@ async fn checks(vm: &Vm, n: usize, out: &mut Vec<Duration>) {
     }
 }
 
-fn blob_request(file_size: usize, offset: usize, data: Vec<u8>) -> CopyFileRequest {
-    CopyFileRequest {
-        path: format!("{GUEST_SHARED_DIR}/vsock-bench/blob"),
-        file_size: file_size as i64,
-        file_mode: libc::S_IFREG | 0o644,
-        dir_mode: 0o750,
-        offset: offset as i64,
-        data,
-        ..Default::default()
-    }
-}
-
-async fn send(vm: &Vm, req: CopyFileRequest) {
-    vm.client
-        .copy_file(req)
-        .await
-        .unwrap_or_else(|e| panic!("CopyFile: {e}\nconsole:\n{}", vm.console_tail()));
-}
-
-/// Sends one `FILE_SIZE` file in `CHUNK`s, as `kestrel_host::rootfs` does.
-/// The guest's /run (a tmpfs of half its RAM) cannot hold the old copy and
-/// the new one's `.kestrel-partial` at once, so an empty file replaces the
-/// old copy first, untimed.
+/// Sends one `FILE_SIZE` file, panicking with the console's tail on error.
 async fn copy_file(vm: &Vm, chunk: &[u8]) -> Duration {
-    send(vm, blob_request(0, 0, Vec::new())).await;
-    let t = Instant::now();
-    for offset in (0..FILE_SIZE).step_by(CHUNK) {
-        send(vm, blob_request(FILE_SIZE, offset, chunk.to_vec())).await;
-    }
-    t.elapsed()
-}
-
-/// Runs `dd if=/dev/zero bs=1M count=OUTPUT_MIB` in a container and reads
-/// its stdout: bytes per second from the first byte read to the end.
-async fn output_rate(vm: &Vm, rootfs: &Path, id: &str) -> Result<f64, String> {
-    let guest_root = guest_rootfs_path(GUEST_SHARED_DIR, id);
-    copy_into_guest(&vm.client, rootfs, &guest_root, None)
+    guest_agent::copy_file(&vm.client, chunk, FILE_SIZE)
         .await
-        .map_err(|e| format!("copying the rootfs: {e}"))?;
-    let count = format!("count={OUTPUT_MIB}");
-    let args = ["dd", "if=/dev/zero", "bs=1M", count.as_str()];
-    vm.client
-        .create_container(create_request(id, spec(Path::new(&guest_root), &args)))
-        .await
-        .map_err(|e| format!("CreateContainer: {e}"))?;
-    vm.client
-        .start_container(id)
-        .await
-        .map_err(|e| format!("StartContainer: {e}"))?;
-    let mut first: Option<Instant> = None;
-    let mut bytes = 0usize;
-    let mut total = 0usize;
-    while let Some(data) = vm
-        .client
-        .read_stdout(id, "", CHUNK as u32)
-        .await
-        .map_err(|e| format!("ReadStdout: {e}"))?
-    {
-        total += data.len();
-        match first {
-            None => first = Some(Instant::now()),
-            Some(_) => bytes += data.len(),
-        }
-    }
-    let elapsed = first.map(|t| t.elapsed()).unwrap_or_default();
-    let status = vm
-        .client
-        .wait_process(id, "")
-        .await
-        .map_err(|e| format!("WaitProcess: {e}"))?;
-    vm.client
-        .remove_container(id, Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("RemoveContainer: {e}"))?;
-    if status != 0 || total != OUTPUT_MIB << 20 {
-        return Err(format!(
-            "dd exited {status} after {total} bytes of stdout (expected {})",
-            OUTPUT_MIB << 20
-        ));
-    }
-    Ok(bytes as f64 / elapsed.as_secs_f64())
+        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", vm.console_tail()))
 }
 
 #[derive(Default)]
@@ -661,7 +557,14 @@ fn main() {
             if let (Some(rootfs), None) = (&rootfs, &output_skipped) {
                 for &i in &order {
                     let cpu = vms[i].cpu();
-                    match output_rate(&vms[i], rootfs, &format!("out{round}")).await {
+                    match guest_agent::output_rate(
+                        &vms[i].client,
+                        rootfs,
+                        &format!("out{round}"),
+                        OUTPUT_MIB,
+                    )
+                    .await
+                    {
                         Ok(rate) => {
                             results[i].to_host.push(rate);
                             let used = vms[i].cpu().per_gib(cpu, OUTPUT_MIB << 20);

@@ -6,7 +6,9 @@
 //! [`require`] and return early after [`skip`] recorded why.
 
 pub mod containerd;
+pub mod guest_agent;
 pub mod shim;
+pub mod vmm_memory;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -553,18 +555,6 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
         return Nested::Skipped;
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested-kvm.sh");
-    let mut inner = vec!["env".to_string(), format!("{NESTED_ENV}=1")];
-    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
-        inner.push(format!("XDG_CACHE_HOME={}", cache.to_string_lossy()));
-    }
-    inner.extend([
-        exe.display().to_string(),
-        test.to_string(),
-        "--exact".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ]);
     // One L1 at a time: each is a CPU-bound TCG thread with 2 GiB, and
     // tests run in parallel; side by side they only slow each other down
     // (and the guests' timing-bound assertions with them).
@@ -577,12 +567,19 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
     let _one_at_a_time = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .expect("locking the nested-KVM lock file");
-    let output = Command::new(script)
-        .arg("--")
-        .args(&inner)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running scripts/nested-kvm.sh");
+    let output = nested_kvm_command(
+        None,
+        &[
+            exe.display().to_string(),
+            test.to_string(),
+            "--exact".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .expect("running scripts/nested-kvm.sh");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -597,6 +594,26 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
         passed,
         output: text,
     }
+}
+
+/// `scripts/nested-kvm.sh` running `args` inside its L1 VM (with
+/// `memory_mib` of RAM, else the script's default), marked with
+/// [`NESTED_ENV`] so that what runs there does not try to nest again, and
+/// with this process's `XDG_CACHE_HOME`, where the guest image is found.
+/// L1 inherits no other environment; `args` go to env(1), so they may
+/// start with `NAME=VALUE` settings.
+pub fn nested_kvm_command(memory_mib: Option<u32>, args: &[String]) -> Command {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested-kvm.sh");
+    let mut command = Command::new(script);
+    if let Some(mib) = memory_mib {
+        command.arg("--memory").arg(mib.to_string());
+    }
+    command.args(["--", "env", &format!("{NESTED_ENV}=1")]);
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        command.arg(format!("XDG_CACHE_HOME={}", cache.to_string_lossy()));
+    }
+    command.args(args);
+    command
 }
 
 /// What [`run_in_nested_kvm`] did.
