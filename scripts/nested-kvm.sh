@@ -3,7 +3,11 @@
 # own /dev/kvm cannot run guest user space: QEMU's TCG emulates AMD SVM with
 # nested paging (`-cpu max`), and Debian's stock kernel loads kvm_amd on it.
 #
-#   ./scripts/nested-kvm.sh [--memory MiB] [--cpus N] -- CMD [ARG...]
+#   ./scripts/nested-kvm.sh [--memory MiB] [--cpus N] [--timeout S] -- CMD [ARG...]
+#
+# --timeout S (default none, or $KESTREL_NESTED_TIMEOUT): after S seconds in
+# L1, print every L1 process with its state and what it waits on (wchan),
+# then kill CMD (exit status 137), so a hang ends with its picture.
 #
 # --cpus N (default 1, or $KESTREL_NESTED_CPUS) gives L1 N vCPUs, each a TCG
 # thread of its own. One is faster here: the same suite took 80 s with 1 and
@@ -21,11 +25,13 @@ set -euo pipefail
 
 memory=2048
 cpus=${KESTREL_NESTED_CPUS:-1}
-usage="usage: $0 [--memory MiB] [--cpus N] -- CMD [ARG...]"
+limit=${KESTREL_NESTED_TIMEOUT:-0}
+usage="usage: $0 [--memory MiB] [--cpus N] [--timeout S] -- CMD [ARG...]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --memory) memory=$2; shift 2 ;;
         --cpus) cpus=$2; shift 2 ;;
+        --timeout) limit=$2; shift 2 ;;
         --) shift; break ;;
         *) echo "$usage" >&2; exit 2 ;;
     esac
@@ -119,7 +125,24 @@ trap 'rm -rf "$ctl"' EXIT
     printf 'export HOME=%q\n' "${HOME:-/root}"
     printf 'cd %q\n' "$PWD"
     printf '%q ' "$@"
-    echo
+    echo '&'
+    echo 'cmd=$!'
+    if [ "$limit" -gt 0 ]; then
+        cat <<WATCHDOG
+(
+    sleep $limit
+    echo "nested-kvm: the command ran past ${limit} s; every process (pid, state, wchan, command):"
+    for d in /proc/[0-9]*; do
+        echo "\${d#/proc/} \$(cut -d' ' -f3 \$d/stat 2>/dev/null) \$(cat \$d/wchan 2>/dev/null) \$(tr '\\0' ' ' <\$d/cmdline 2>/dev/null | cut -c1-160)"
+    done
+    kill -KILL \$cmd
+) &
+watchdog=\$!
+WATCHDOG
+    fi
+    echo 'wait $cmd; status=$?'
+    [ "$limit" -gt 0 ] && echo 'kill $watchdog 2>/dev/null'
+    echo 'exit $status'
 } >"$ctl/run"
 
 "$qemu" -accel tcg,thread=multi -cpu max -m "$memory" -smp "$cpus" -M q35 -nodefaults -display none -serial stdio \

@@ -567,8 +567,10 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
     let _one_at_a_time = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .expect("locking the nested-KVM lock file");
+    // 3 GiB: the 12336 scenario runs six 256 MiB guests beside containerd,
+    // debug-build shims and 150 ctr loops.
     let output = nested_kvm_command(
-        None,
+        Some(NESTED_TEST_MEMORY_MIB),
         &[
             exe.display().to_string(),
             test.to_string(),
@@ -577,6 +579,9 @@ pub fn run_in_nested_kvm(test: &str) -> Nested {
             "--test-threads=1".into(),
         ],
     )
+    // A hang in L1 ends the run with every L1 process's state and wchan,
+    // instead of holding CI until its own limit.
+    .env("KESTREL_NESTED_TIMEOUT", NESTED_TEST_LIMIT_S.to_string())
     .stdin(Stdio::null())
     .output()
     .expect("running scripts/nested-kvm.sh");
@@ -615,6 +620,13 @@ pub fn nested_kvm_command(memory_mib: Option<u32>, args: &[String]) -> Command {
     command.args(args);
     command
 }
+
+/// How long a test may run inside L1 (the longest, the builtin 12336
+/// scenario, takes about 200–370 s).
+const NESTED_TEST_LIMIT_S: u32 = 900;
+
+/// L1's memory for tests.
+const NESTED_TEST_MEMORY_MIB: u32 = 3072;
 
 /// What [`run_in_nested_kvm`] did.
 #[derive(Debug)]
