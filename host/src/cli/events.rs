@@ -153,28 +153,18 @@ struct Record {
 fn decode(envelope: &Envelope) -> Option<Record> {
     let event = envelope.topic.strip_prefix("/tasks/")?;
     let value = &envelope.event.as_ref()?.value;
+    // An event about a container's init process, with no exit status.
+    let plain = |id: String| (id, None, None);
     let (id, exec_id, exit_status) = match event {
-        "create" => (
-            TaskCreate::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
-        "start" => (
-            TaskStart::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
+        "create" => plain(TaskCreate::parse_from_bytes(value).ok()?.container_id),
+        "start" => plain(TaskStart::parse_from_bytes(value).ok()?.container_id),
         "exit" => {
             let exit = TaskExit::parse_from_bytes(value).ok()?;
             // containerd names an init's exit after its container.
             let exec_id = (exit.id != exit.container_id).then_some(exit.id);
             (exit.container_id, exec_id, Some(exit.exit_status))
         }
-        "delete" => (
-            TaskDelete::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
+        "delete" => plain(TaskDelete::parse_from_bytes(value).ok()?.container_id),
         "exec-added" => {
             let added = TaskExecAdded::parse_from_bytes(value).ok()?;
             (added.container_id, Some(added.exec_id), None)
@@ -183,21 +173,9 @@ fn decode(envelope: &Envelope) -> Option<Record> {
             let started = TaskExecStarted::parse_from_bytes(value).ok()?;
             (started.container_id, Some(started.exec_id), None)
         }
-        "oom" => (
-            TaskOOM::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
-        "paused" => (
-            TaskPaused::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
-        "resumed" => (
-            TaskResumed::parse_from_bytes(value).ok()?.container_id,
-            None,
-            None,
-        ),
+        "oom" => plain(TaskOOM::parse_from_bytes(value).ok()?.container_id),
+        "paused" => plain(TaskPaused::parse_from_bytes(value).ok()?.container_id),
+        "resumed" => plain(TaskResumed::parse_from_bytes(value).ok()?.container_id),
         _ => return None,
     };
     let time = envelope
