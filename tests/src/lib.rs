@@ -639,6 +639,13 @@ pub enum Nested {
     Ran { passed: bool, output: String },
 }
 
+/// The `[agent]` section of VM tests' configurations: Kata's 10 s dial
+/// timeout is too short for a boot under TCG beside other tests' VMs, or in
+/// the nested-KVM harness's L1, where every guest shares one emulated CPU
+/// with the guests already running (the sixth of the 12336 scenario boots
+/// far slower than the first).
+pub const SLOW_BOOT_AGENT_SECTION: &str = "[agent]\ndial_timeout_ms = 120000\n";
+
 /// For a test whose body boots guests with the builtin VMM: `true` when the
 /// body should run here (KVM runs guest user space: hardware KVM, or inside
 /// the nested harness's L1); otherwise the test has been run again in L1

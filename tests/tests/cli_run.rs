@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kestrel_tests::{
     binary, busybox_rootfs, guest_image, kvm_runs_guests_here, qemu_ready, require, GuestImage,
+    SLOW_BOOT_AGENT_SECTION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -568,10 +569,8 @@ fn run_exec_kill_rm_in_the_builtin_vmm_picked_by_auto_use_the_guest_kernel() {
 /// `run --rm` (output, status, the guest's kernel), then a detached
 /// container's exec, stdin, kill and rm, all with `--hypervisor hypervisor`.
 fn run_exec_kill_rm_in_a_vm(test: &str, hypervisor: &str, image: &GuestImage) {
-    // A generous agent dial timeout: under TCG beside other tests' VMs, or
-    // in L1, a boot can take longer than Kata's 10 s.
     let cli = Cli::new(&format!(
-        "[agent]\ndial_timeout_ms = 120000\n[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
         image.vmlinux.display(),
         image.initrd.display()
     ));

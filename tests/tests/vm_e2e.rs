@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kestrel_tests::containerd::{available, text, Containerd, Events};
 use kestrel_tests::{
     busybox_rootfs, guest_image, kvm_runs_guests_here, qemu_ready, require, GuestImage,
+    SLOW_BOOT_AGENT_SECTION,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,13 +66,6 @@ fn ready(test: &str, vmm: Vmm) -> Option<GuestImage> {
     }
 }
 
-/// The agent dial timeout for these tests: Kata's 10 s is too short for a
-/// boot under TCG beside other tests' VMs (QEMU here) or in the nested-KVM
-/// harness's L1, where every guest shares one emulated CPU with the guests
-/// already running (the sixth of the 12336 scenario boots far slower than
-/// the first).
-const GENEROUS_DIAL: &str = "[agent]\ndial_timeout_ms = 120000\n";
-
 fn start(image: &GuestImage, vmm: Vmm) -> Containerd {
     let accel = match vmm {
         Vmm::Qemu => "accel = \"auto\"\n",
@@ -80,7 +74,7 @@ fn start(image: &GuestImage, vmm: Vmm) -> Containerd {
     Containerd::start_configured(
         &format!("hypervisor = \"{}\"", vmm.backend()),
         &format!(
-            "{GENEROUS_DIAL}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{accel}",
+            "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n{accel}",
             image.vmlinux.display(),
             image.initrd.display()
         ),
