@@ -12,7 +12,8 @@
 # L1 also writes a heartbeat every 5 s. If it stops for 120 s while QEMU
 # still runs, L1 froze (its kernel stopped running, which no watchdog inside
 # it can report): the script prints QEMU's view of L1's CPU (registers, the
-# kernel function it is in), kills QEMU and exits 124.
+# kernel function it is in), kills QEMU and exits 124. With --timeout S,
+# an L1 still up 300 s after S is pictured and killed the same way (137).
 #
 # --cpus N (default 1, or $KESTREL_NESTED_CPUS) gives L1 N vCPUs, each a TCG
 # thread of its own. One is faster here: the same suite took 80 s with 1 and
@@ -181,6 +182,19 @@ monitor() {
     timeout 5 cat "$work/monitor.out" | tr -d '\r' | grep -v '^(qemu)' || true
 }
 
+# Prints why ($1) and QEMU's view of L1's CPU, then kills QEMU.
+picture() {
+    {
+        echo "nested-kvm: $1. QEMU's view of L1's CPU:"
+        regs=$(monitor "info registers")
+        sed '/^EFER=/q' <<<"$regs"
+        rip=$(sed -n 's/.*RIP=\([0-9a-f]*\).*/\1/p' <<<"$regs" | head -n1)
+        [ -z "$rip" ] || echo "nested-kvm: L1 is at $rip, in $(symbol "$rip")"
+    } >&2
+    kill -KILL "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+}
+
 started=$(date +%s)
 while kill -0 "$qemu_pid" 2>/dev/null; do
     sleep 2
@@ -190,17 +204,16 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
     else
         quiet=$((now - started))
     fi
-    [ "$quiet" -ge 120 ] || continue
-    {
-        echo "nested-kvm: L1 froze: no heartbeat for $quiet s while QEMU runs. QEMU's view of L1's CPU:"
-        regs=$(monitor "info registers")
-        sed '/^EFER=/q' <<<"$regs"
-        rip=$(sed -n 's/.*RIP=\([0-9a-f]*\).*/\1/p' <<<"$regs" | head -n1)
-        [ -z "$rip" ] || echo "nested-kvm: L1 is at $rip, in $(symbol "$rip")"
-    } >&2
-    kill -KILL "$qemu_pid" 2>/dev/null || true
-    wait "$qemu_pid" 2>/dev/null || true
-    exit 124
+    if [ "$quiet" -ge 120 ]; then
+        picture "L1 froze: no heartbeat for $quiet s while QEMU runs"
+        exit 124
+    fi
+    # The watchdog in L1 ends CMD at the limit; an L1 that is still up
+    # long after it would hold its caller forever.
+    if [ "$limit" -gt 0 ] && [ $((now - started)) -ge $((limit + 300)) ]; then
+        picture "L1 is still up $((now - started)) s after it started, 300 s past the limit"
+        exit 137
+    fi
 done
 wait "$qemu_pid" || true
 if [ ! -s "$ctl/status" ]; then
