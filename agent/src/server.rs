@@ -18,6 +18,7 @@ use kestrel_protocols::{agent_ttrpc, health_ttrpc, types};
 
 use crate::error::Error;
 use crate::sandbox::Sandbox;
+use crate::unknown_service;
 
 /// Largest chunk one ReadStdout/ReadStderr returns.
 const MAX_READ: usize = 1 << 20;
@@ -260,12 +261,14 @@ impl health_ttrpc::Health for HealthService {
     }
 }
 
-/// Both services, ready for a ttrpc server.
+/// Both services, and the one that answers requests for any other
+/// service ([`unknown_service`]), ready for a ttrpc server.
 pub fn services(
     sandbox: Arc<Sandbox>,
-) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 2] {
+) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 3] {
     [
         agent_ttrpc::create_agent_service(Arc::new(AgentService::new(sandbox))),
         health_ttrpc::create_health(Arc::new(HealthService)),
+        unknown_service::service(),
     ]
 }

@@ -669,6 +669,27 @@ async fn every_method_the_agent_does_not_serve_answers_unimplemented_with_its_wi
 }
 
 #[tokio::test]
+async fn an_unknown_service_answers_unimplemented_and_the_connection_goes_on() {
+    require!("an_unknown_service_answers_unimplemented_and_the_connection_goes_on");
+    let agent = Agent::start();
+    let client = raw_client(&agent).await;
+    let err = raw_call(&client, "grpc.NoSuchService", "Probe")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+    let message = status_message(&err);
+    assert!(message.contains("grpc.NoSuchService/Probe"), "{message:?}");
+    let err = raw_call(&client, "grpc.AgentService", "NoSuchMethod")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+    // The same connection still carries real calls.
+    let health = kestrel_protocols::health_ttrpc::HealthClient::new(client);
+    let resp = health.check(prompt(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(resp.status.enum_value(), Ok(ServingStatus::SERVING));
+}
+
+#[tokio::test]
 async fn passfd_stdio_ports_are_refused_as_unimplemented() {
     require!("passfd_stdio_ports_are_refused_as_unimplemented");
     let (_agent, client, rootfs) = setup().await;
