@@ -90,7 +90,6 @@ impl Sandbox {
             (req.sandbox_pidns, "a shared sandbox PID namespace"),
             (!req.guest_hook_path.is_empty(), "guest OCI hooks"),
             (!req.kernel_modules.is_empty(), "kernel modules"),
-            (req.guest_userns, "a guest user namespace"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(asked, _)| *asked) {
             return Err(Error::Unimplemented(format!(
