@@ -130,6 +130,31 @@ async fn an_exec_gets_the_capabilities_of_its_own_process_spec() {
     remove(&client, id).await.unwrap();
 }
 
+/// A non-root user keeps exactly what the spec grants across the change of
+/// user: CAP_CHOWN when it is ambient, nothing when it is only permitted.
+#[tokio::test]
+async fn a_non_root_user_gets_ambient_capabilities_and_no_others() {
+    require!("a_non_root_user_gets_ambient_capabilities_and_no_others");
+    let (_agent, client, rootfs) = setup().await;
+    let chown: &[String] = &["CAP_CHOWN".into()];
+    let script = "echo > /dev/shm/mine && busybox chown 0:0 /dev/shm/mine";
+    for (id, ambient, want) in [("ambient", chown, 0), ("notambient", &[][..], 1)] {
+        let mut caps = capabilities(chown);
+        caps.Inheritable = chown.to_vec();
+        caps.Ambient = ambient.to_vec();
+        let mut spec = with_caps(spec(&rootfs, &["sh", "-c", script]), caps);
+        let user = spec
+            .Process
+            .mut_or_insert_default()
+            .User
+            .mut_or_insert_default();
+        user.UID = 1000;
+        user.GID = 1000;
+        let (_, err, status) = run(&client, id, spec).await;
+        assert_eq!(status, want, "{id}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn a_profile_answering_mkdir_with_eperm_leaves_everything_else_working() {
     require!("a_profile_answering_mkdir_with_eperm_leaves_everything_else_working");
