@@ -110,6 +110,7 @@ pub fn compile(s: &oci::LinuxSeccomp) -> Result<Filter, SeccompError> {
             let Ok(syscall) = ScmpSyscall::from_name(name) else {
                 // Unknown to this libseccomp: a syscall of a newer kernel,
                 // which this guest's kernel does not have either.
+                tracing::debug!(syscall = %name, "seccomp: unknown syscall, rule skipped");
                 continue;
             };
             let added = if repeated_index {
