@@ -301,6 +301,7 @@ impl Sandbox {
         let mut details = AgentDetails::new();
         details.version = crate::VERSION.to_string();
         details.init_daemon = self.is_init;
+        details.supports_seccomp = crate::container::seccomp::supported();
         resp.agent_details = Some(details).into();
         resp
     }

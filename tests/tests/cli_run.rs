@@ -848,3 +848,101 @@ fn idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_
     assert!(cli.output(&["rm", "-f", "idle"]).status.success());
     cli.assert_no_processes_left();
 }
+
+#[test]
+fn lockdown_flags_are_enforced_in_process_sandboxes() {
+    let test = "lockdown_flags_are_enforced_in_process_sandboxes";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    lockdown_flags_are_enforced(&cli, "process");
+    cli.assert_no_processes_left();
+}
+
+/// The same in a QEMU VM: the guest kernel's seccomp filters, and without
+/// user namespaces in the guest an unfiltered `unshare -U` would fail with
+/// EINVAL, not EPERM.
+#[test]
+fn lockdown_flags_are_enforced_in_a_qemu_vm() {
+    let test = "lockdown_flags_are_enforced_in_a_qemu_vm";
+    let Some(image) = qemu_ready(test) else {
+        return;
+    };
+    let cli = Cli::new(&format!(
+        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        image.vmlinux.display(),
+        image.initrd.display()
+    ));
+    lockdown_flags_are_enforced(&cli, "qemu");
+}
+
+/// `--cap-drop ALL`, the default capabilities, the default seccomp profile,
+/// `--security-opt seccomp=PATH` and `--read-only`, one `run --rm` each.
+fn lockdown_flags_are_enforced(cli: &Cli, hypervisor: &str) {
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    let run = |flags: &[&str], id: &str, script: &str| -> Output {
+        let mut args = vec![
+            "run",
+            "--hypervisor",
+            hypervisor,
+            "--rm",
+            "--rootfs",
+            &rootfs,
+        ];
+        args.extend_from_slice(flags);
+        args.extend([id, "--", "sh", "-c", script]);
+        cli.output(&args)
+    };
+    let eperm = |out: &Output| {
+        assert!(
+            text(&out.stderr).contains("Operation not permitted"),
+            "stdout: {}\nstderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    };
+
+    let chown = "echo > /tmp/owned && busybox chown 1:1 /tmp/owned";
+    let out = run(&["--cap-drop", "ALL"], "lock1", chown);
+    eperm(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&[], "lock2", chown);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let out = run(
+        &[],
+        "lock3",
+        "echo hello; busybox unshare -U true; echo unshare=$?",
+    );
+    assert_eq!(text(&out.stdout), "hello\nunshare=1\n");
+    eperm(&out);
+
+    let profile = cli.dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let out = run(
+        &["--security-opt", &opt],
+        "lock4",
+        "busybox mkdir /tmp/d; echo mkdir=$?; echo still here",
+    );
+    assert_eq!(text(&out.stdout), "mkdir=1\nstill here\n");
+    eperm(&out);
+
+    let out = run(
+        &["--read-only"],
+        "lock5",
+        "echo x > /written; echo write=$?",
+    );
+    assert_eq!(text(&out.stdout), "write=1\n");
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -29,18 +29,25 @@ pub struct ExecArgs {
 pub async fn run(args: ExecArgs) -> Result<ExitCode> {
     let container = Container::open(&args.id)?;
     let shim = Shim::open(&container).await?;
+    let mut process = bundle::exec_process(&args.command, args.tty);
+    super::security::inherit_from_container(&mut process, &container.dir)?;
     let exec_id = format!("exec-{}", std::process::id());
     let fifos = Fifos::make(&container.dir, &exec_id, args.interactive, args.tty)?;
-    let result = exec(&shim, &exec_id, &fifos, &args).await;
+    let result = exec(&shim, &exec_id, &fifos, &args, &process).await;
     fifos.remove();
     let _ = shim.delete(&exec_id).await;
     result
 }
 
-async fn exec(shim: &Shim, exec_id: &str, fifos: &Fifos, args: &ExecArgs) -> Result<ExitCode> {
+async fn exec(
+    shim: &Shim,
+    exec_id: &str,
+    fifos: &Fifos,
+    args: &ExecArgs,
+    process: &serde_json::Value,
+) -> Result<ExitCode> {
     let outputs = fifos.copy_outputs()?;
-    let process = bundle::exec_process(&args.command, args.tty);
-    shim.exec(exec_id, &process, &fifos.paths).await?;
+    shim.exec(exec_id, process, &fifos.paths).await?;
     fifos.copy_stdin();
     shim.start(exec_id).await?;
     let raw = args.tty.then(super::terminal::RawMode::enter).flatten();

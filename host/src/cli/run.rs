@@ -34,6 +34,8 @@ pub struct RunArgs {
     /// Give the container a terminal.
     #[arg(short, long)]
     pub tty: bool,
+    #[command(flatten)]
+    pub security: super::security::SecurityArgs,
     /// The container's root filesystem: a directory.
     #[arg(long)]
     pub rootfs: PathBuf,
@@ -77,7 +79,8 @@ async fn start_and_wait(
     container: &Container,
     rootfs: &std::path::Path,
 ) -> Result<ExitCode> {
-    let spec = bundle::spec(&container.id, rootfs, &args.command, args.tty);
+    let mut spec = bundle::spec(&container.id, rootfs, &args.command, args.tty);
+    args.security.apply(&mut spec)?;
     bundle::write(&container.dir, &spec).context("writing the bundle")?;
 
     let spinner = Spinner::start("starting the shim");
