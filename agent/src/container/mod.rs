@@ -3,6 +3,7 @@
 //! cgroup, mount or process behind.
 
 pub mod cgroup;
+pub mod hooks;
 pub mod process;
 pub mod rootfs;
 pub mod setup;
@@ -56,6 +57,7 @@ impl Container {
         let flags = spec::clone_flags(spec)?;
         let process = spec::process_config(spec.Process.as_ref(), "OCI spec")?;
         let mut rootfs = spec::rootfs_config(spec, bundle_dir)?;
+        let hooks = hooks::from_spec(spec, id, bundle_dir)?;
         let cgroup_path = match spec.Linux.CgroupsPath.as_str() {
             // systemd-style "slice:prefix:name" paths need systemd; use ours.
             "" => format!("kestrel/{id}"),
@@ -67,6 +69,7 @@ impl Container {
         let config = SetupConfig {
             role: Role::Init(rootfs),
             process,
+            hooks,
         };
         let console = spec
             .Process
@@ -179,6 +182,7 @@ impl Container {
                 pid: self.init.pid.as_raw(),
             },
             process,
+            hooks: hooks::GuestHooks::default(),
         };
         let (process, _) = launch(
             reaper,

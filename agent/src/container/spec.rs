@@ -11,6 +11,7 @@ use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use super::hooks::GuestHooks;
 use crate::error::{Error, Result};
 
 /// PATH used to find the executable when the spec's env has none.
@@ -21,6 +22,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub struct SetupConfig {
     pub role: Role,
     pub process: ProcessConfig,
+    /// The container's createContainer and startContainer hooks (none for
+    /// an exec).
+    pub hooks: GuestHooks,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
