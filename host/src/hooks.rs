@@ -136,7 +136,7 @@ pub enum HookError {
         #[source]
         source: io::Error,
     },
-    #[error("{phase} hook #{index} ({}) failed: {status}{}", path.display(), quote_output(stdout, stderr))]
+    #[error("{phase} hook #{index} ({}) failed: {}{}", path.display(), describe(*status), quote_output(stdout, stderr))]
     Failed {
         phase: Phase,
         index: usize,
@@ -152,6 +152,15 @@ pub enum HookError {
         path: PathBuf,
         timeout: Duration,
     },
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => status.to_string(),
+    }
 }
 
 fn is_zero(pid: &u32) -> bool {
@@ -463,7 +472,7 @@ mod tests {
         let message = err.to_string();
         assert!(
             message.starts_with(&format!(
-                "prestart hook #0 ({}) failed: exit status: 3",
+                "prestart hook #0 ({}) failed: exit status 3",
                 bad.display()
             )),
             "{message}"
