@@ -7,6 +7,7 @@
 pub mod agent_client;
 pub mod config;
 pub mod dial;
+pub mod hooks;
 pub mod lifecycle;
 pub mod oci;
 pub mod rootfs;

@@ -10,16 +10,23 @@
 //! which is what the agent matches on. oci-spec's `Display` spells some of
 //! them differently ("net", "CHOWN"), so names are taken from its serde form.
 //!
-//! Parts of the runtime spec that `oci.proto` has no field for (the
-//! createRuntime/createContainer/startContainer hooks, `process.user.umask`,
-//! `linux.resources.unified`, ...) cannot reach the agent; they are dropped
-//! with a warning that names them.
+//! Parts of the runtime spec that `oci.proto` has no field for
+//! (`process.user.umask`, `linux.resources.unified`, ...) cannot reach the
+//! agent; they are dropped with a warning that names them.
+//!
+//! Hooks are split by where they run (see `hooks.rs`): `createContainer`
+//! and `startContainer` go to the agent in `oci.Hooks`; `prestart`,
+//! `createRuntime`, `poststart` and `poststop` become the shim's
+//! [`HostHooks`] and are left out of what the guest gets, as Kata's
+//! runtime leaves them out: they name host paths.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use kestrel_protocols::oci;
 use kestrel_protocols::protobuf::MessageField;
+
+use crate::hooks::{Hook, HostHooks};
 use oci_spec::runtime as rt;
 use serde::Serialize;
 
@@ -48,8 +55,16 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// A bundle's `config.json`: what the agent gets, and the hooks the host
+/// runs.
+#[derive(Debug, Clone)]
+pub struct BundleConfig {
+    pub spec: oci::Spec,
+    pub hooks: HostHooks,
+}
+
 /// Reads `<bundle>/config.json` and converts it.
-pub fn load_bundle_spec(bundle: &Path) -> Result<oci::Spec, SpecError> {
+pub fn load_bundle(bundle: &Path) -> Result<BundleConfig, SpecError> {
     let path = bundle.join(CONFIG_FILE);
     let json = std::fs::read(&path).map_err(|source| SpecError::Read {
         path: path.clone(),
@@ -58,8 +73,18 @@ pub fn load_bundle_spec(bundle: &Path) -> Result<oci::Spec, SpecError> {
     parse(&json, &path)
 }
 
+/// Reads `<bundle>/config.json` and converts what the agent gets.
+pub fn load_bundle_spec(bundle: &Path) -> Result<oci::Spec, SpecError> {
+    load_bundle(bundle).map(|b| b.spec)
+}
+
 /// Converts an OCI runtime spec in JSON form.
 pub fn spec_from_json(json: &[u8]) -> Result<oci::Spec, SpecError> {
+    parse(json, Path::new(CONFIG_FILE)).map(|b| b.spec)
+}
+
+/// Converts an OCI runtime spec in JSON form, hooks for the host included.
+pub fn bundle_from_json(json: &[u8]) -> Result<BundleConfig, SpecError> {
     parse(json, Path::new(CONFIG_FILE))
 }
 
@@ -93,7 +118,7 @@ pub fn sandbox_id<'a>(spec: &'a oci::Spec, container_id: &'a str) -> &'a str {
         .unwrap_or(container_id)
 }
 
-fn parse(json: &[u8], path: &Path) -> Result<oci::Spec, SpecError> {
+fn parse(json: &[u8], path: &Path) -> Result<BundleConfig, SpecError> {
     let parse_error = |message: String| SpecError::Parse {
         path: path.to_path_buf(),
         message,
@@ -113,7 +138,10 @@ fn parse(json: &[u8], path: &Path) -> Result<oci::Spec, SpecError> {
             "the OCI spec sets fields the Kata agent API cannot carry; they are ignored"
         );
     }
-    convert(&spec)
+    Ok(BundleConfig {
+        spec: convert(&spec)?,
+        hooks: host_hooks(&spec)?,
+    })
 }
 
 fn describe_json_error(err: &serde_json::Error, json: &[u8]) -> String {
@@ -147,11 +175,6 @@ fn fields_without_counterpart(spec: &rt::Spec) -> Vec<&'static str> {
         note(p.io_priority().is_some(), "process.ioPriority");
         note(p.scheduler().is_some(), "process.scheduler");
         note(p.exec_cpu_affinity().is_some(), "process.execCPUAffinity");
-    }
-    if let Some(h) = spec.hooks() {
-        note(h.create_runtime().is_some(), "hooks.createRuntime");
-        note(h.create_container().is_some(), "hooks.createContainer");
-        note(h.start_container().is_some(), "hooks.startContainer");
     }
     note(
         spec.mounts()
@@ -225,7 +248,7 @@ fn convert(spec: &rt::Spec) -> Result<oci::Spec, SpecError> {
             .into(),
         Hostname: opt_string(spec.hostname()),
         Mounts: spec.mounts().iter().flatten().map(mount).collect(),
-        Hooks: spec.hooks().as_ref().map(hooks).into(),
+        Hooks: spec.hooks().as_ref().map(guest_hooks).transpose()?.into(),
         Annotations: spec.annotations().clone().unwrap_or_default(),
         Linux: spec.linux().as_ref().map(linux).transpose()?.into(),
         ..Default::default()
@@ -320,29 +343,101 @@ fn mount(m: &rt::Mount) -> oci::Mount {
     }
 }
 
-fn hooks(h: &rt::Hooks) -> oci::Hooks {
-    let list = |hooks: &Option<Vec<rt::Hook>>| -> Vec<oci::Hook> {
+/// The hooks that run in the container namespace, which is the guest's:
+/// the only ones the agent gets.
+fn guest_hooks(h: &rt::Hooks) -> Result<oci::Hooks, SpecError> {
+    let list = |hooks: &Option<Vec<rt::Hook>>, field: &str| {
         hooks
             .iter()
             .flatten()
-            .map(|hook| oci::Hook {
-                Path: path_string(hook.path()),
-                Args: opt_vec(hook.args()),
-                Env: opt_vec(hook.env()),
-                Timeout: hook.timeout().unwrap_or_default(),
-                ..Default::default()
+            .enumerate()
+            .map(|(i, hook)| {
+                let field = format!("hooks.{field}[{i}]");
+                check_hook(hook, &field)?;
+                Ok(oci::Hook {
+                    Path: path_string(hook.path()),
+                    Args: opt_vec(hook.args()),
+                    Env: opt_vec(hook.env()),
+                    Timeout: hook.timeout().unwrap_or_default(),
+                    ..Default::default()
+                })
             })
-            .collect()
+            .collect::<Result<Vec<_>, SpecError>>()
     };
-    oci::Hooks {
-        // The runtime spec deprecates prestart in favour of createRuntime and
-        // friends, but prestart is the one oci.proto carries, and Docker and
-        // containerd still write it.
-        Prestart: list(h.prestart()),
-        Poststart: list(h.poststart()),
-        Poststop: list(h.poststop()),
+    Ok(oci::Hooks {
+        CreateContainer: list(h.create_container(), "createContainer")?,
+        StartContainer: list(h.start_container(), "startContainer")?,
         ..Default::default()
+    })
+}
+
+/// The hooks that run in the runtime namespace, which is the host's.
+fn host_hooks(spec: &rt::Spec) -> Result<HostHooks, SpecError> {
+    let Some(h) = spec.hooks() else {
+        return Ok(HostHooks::default());
+    };
+    let list = |hooks: &Option<Vec<rt::Hook>>, field: &str| {
+        hooks
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, hook)| host_hook(hook, &format!("hooks.{field}[{i}]")))
+            .collect::<Result<Vec<_>, SpecError>>()
+    };
+    Ok(HostHooks {
+        oci_version: spec.version().clone(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        // Deprecated by the runtime spec, still written by Docker and
+        // still run by runc: before createRuntime.
+        prestart: list(h.prestart(), "prestart")?,
+        create_runtime: list(h.create_runtime(), "createRuntime")?,
+        poststart: list(h.poststart(), "poststart")?,
+        poststop: list(h.poststop(), "poststop")?,
+    })
+}
+
+fn host_hook(hook: &rt::Hook, field: &str) -> Result<Hook, SpecError> {
+    check_hook(hook, field)?;
+    let env = hook
+        .env()
+        .as_ref()
+        .map(|env| {
+            env.iter()
+                .map(|e| {
+                    e.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| {
+                            SpecError::Invalid(format!("{field}.env entry {e:?} is not KEY=VALUE"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(Hook {
+        path: hook.path().clone(),
+        args: opt_vec(hook.args()),
+        env,
+        timeout: hook
+            .timeout()
+            .map(|t| std::time::Duration::from_secs(t.unsigned_abs())),
+    })
+}
+
+/// What the runtime spec requires of every hook: an absolute path and, if
+/// set, a timeout above zero.
+fn check_hook(hook: &rt::Hook, field: &str) -> Result<(), SpecError> {
+    if !hook.path().is_absolute() {
+        return Err(SpecError::Invalid(format!(
+            "{field}.path {} is not absolute",
+            hook.path().display()
+        )));
     }
+    if let Some(t) = hook.timeout().filter(|t| *t <= 0) {
+        return Err(SpecError::Invalid(format!(
+            "{field}.timeout is {t}; it must be greater than zero"
+        )));
+    }
+    Ok(())
 }
 
 fn linux(l: &rt::Linux) -> Result<oci::Linux, SpecError> {
@@ -1024,33 +1119,99 @@ mod tests {
         assert_eq!(p.SelinuxLabel, "system_u:system_r:container_t:s0");
     }
 
+    const ALL_HOOKS: &str = r#"{"ociVersion": "1.1.0",
+        "annotations": {"io.kubernetes.cri.container-type": "container"},
+        "hooks": {
+            "prestart": [{"path": "/usr/bin/setup-net", "args": ["setup-net", "up"],
+                          "env": ["DEBUG=1", "EMPTY="], "timeout": 5}],
+            "createRuntime": [{"path": "/usr/bin/nvidia-ctk"}],
+            "createContainer": [{"path": "/sbin/mount-hook", "args": ["mount-hook", "-v"],
+                                 "env": ["K=V"], "timeout": 3}],
+            "startContainer": [{"path": "/sbin/ldconfig"}],
+            "poststart": [{"path": "/usr/bin/notify"}],
+            "poststop": [{"path": "/usr/bin/cleanup", "timeout": 10}]
+        }}"#;
+
     #[test]
-    fn hooks_and_annotations_are_carried() {
-        let spec = convert_ok(
-            r#"{"ociVersion": "1.1.0",
-                "annotations": {"io.kubernetes.cri.container-type": "container"},
-                "hooks": {
-                    "prestart": [{"path": "/usr/bin/setup-net", "args": ["setup-net", "up"],
-                                  "env": ["DEBUG=1"], "timeout": 5}],
-                    "poststart": [{"path": "/usr/bin/notify"}],
-                    "poststop": [{"path": "/usr/bin/cleanup", "timeout": 10}]
-                }}"#,
-        );
+    fn only_the_container_namespace_hooks_reach_the_agent() {
+        let spec = convert_ok(ALL_HOOKS);
         assert_eq!(
             spec.Annotations.get("io.kubernetes.cri.container-type"),
             Some(&"container".to_string())
         );
-        let pre = &spec.Hooks.Prestart[0];
-        assert_eq!(pre.Path, "/usr/bin/setup-net");
-        assert_eq!(pre.Args, strings(&["setup-net", "up"]));
-        assert_eq!(pre.Env, strings(&["DEBUG=1"]));
-        assert_eq!(pre.Timeout, 5);
-        let post = &spec.Hooks.Poststart[0];
-        assert_eq!(post.Path, "/usr/bin/notify");
-        assert!(post.Args.is_empty());
-        assert_eq!(post.Timeout, 0);
-        assert_eq!(spec.Hooks.Poststop[0].Path, "/usr/bin/cleanup");
-        assert_eq!(spec.Hooks.Poststop[0].Timeout, 10);
+        let h = &spec.Hooks;
+        assert!(h.Prestart.is_empty() && h.CreateRuntime.is_empty());
+        assert!(h.Poststart.is_empty() && h.Poststop.is_empty());
+        let create = &h.CreateContainer[0];
+        assert_eq!(create.Path, "/sbin/mount-hook");
+        assert_eq!(create.Args, strings(&["mount-hook", "-v"]));
+        assert_eq!(create.Env, strings(&["K=V"]));
+        assert_eq!(create.Timeout, 3);
+        assert_eq!(h.StartContainer[0].Path, "/sbin/ldconfig");
+        assert_eq!(h.StartContainer[0].Timeout, 0);
+    }
+
+    #[test]
+    fn the_runtime_namespace_hooks_stay_on_the_host() {
+        let hooks = bundle_from_json(ALL_HOOKS.as_bytes()).unwrap().hooks;
+        assert_eq!(hooks.oci_version, "1.1.0");
+        assert_eq!(
+            hooks.annotations.get("io.kubernetes.cri.container-type"),
+            Some(&"container".to_string())
+        );
+        assert_eq!(
+            hooks.prestart,
+            vec![Hook {
+                path: "/usr/bin/setup-net".into(),
+                args: strings(&["setup-net", "up"]),
+                env: Some(vec![
+                    ("DEBUG".into(), "1".into()),
+                    ("EMPTY".into(), String::new())
+                ]),
+                timeout: Some(std::time::Duration::from_secs(5)),
+            }]
+        );
+        assert_eq!(
+            hooks.create_runtime[0].path,
+            Path::new("/usr/bin/nvidia-ctk")
+        );
+        assert_eq!(hooks.create_runtime[0].env, None, "no env: the shim's own");
+        assert_eq!(hooks.poststart[0].path, Path::new("/usr/bin/notify"));
+        assert_eq!(hooks.poststart[0].timeout, None);
+        assert_eq!(
+            hooks.poststop[0].timeout,
+            Some(std::time::Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn hooks_the_runtime_spec_forbids_are_refused_with_their_field() {
+        for (hooks, expected) in [
+            (
+                r#"{"prestart": [{"path": "/ok"}, {"path": "relative/hook"}]}"#,
+                "hooks.prestart[1].path relative/hook is not absolute",
+            ),
+            (
+                r#"{"poststop": [{"path": "/h", "timeout": 0}]}"#,
+                "hooks.poststop[0].timeout is 0; it must be greater than zero",
+            ),
+            (
+                r#"{"startContainer": [{"path": "/h", "timeout": -2}]}"#,
+                "hooks.startContainer[0].timeout is -2; it must be greater than zero",
+            ),
+            (
+                r#"{"createRuntime": [{"path": "/h", "env": ["NOEQUALS"]}]}"#,
+                "hooks.createRuntime[0].env entry \"NOEQUALS\" is not KEY=VALUE",
+            ),
+        ] {
+            let json = format!(r#"{{"ociVersion": "1.1.0", "hooks": {hooks}}}"#);
+            let err = bundle_from_json(json.as_bytes()).unwrap_err();
+            assert!(matches!(err, SpecError::Invalid(_)), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!("invalid OCI runtime spec: {expected}")
+            );
+        }
     }
 
     #[test]
@@ -1330,7 +1491,7 @@ mod tests {
         let json = r#"{"ociVersion": "1.1.0",
             "process": {"cwd": "/", "user": {"uid": 0, "gid": 0, "umask": 18}},
             "hooks": {"createRuntime": [{"path": "/usr/bin/nvidia-ctk"}],
-                      "poststop": [{"path": "/bin/true"}]},
+                      "startContainer": [{"path": "/bin/true"}]},
             "linux": {"resources": {"unified": {"memory.high": "1G"}},
                       "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38}}}"#;
         let parsed: rt::Spec = serde_json::from_str(json).expect("parses");
@@ -1338,14 +1499,13 @@ mod tests {
             fields_without_counterpart(&parsed),
             vec![
                 "process.user.umask",
-                "hooks.createRuntime",
                 "linux.resources.unified",
                 "linux.seccomp.defaultErrnoRet"
             ]
         );
         // They are dropped, not fatal: the rest still converts.
         let spec = convert_ok(json);
-        assert_eq!(spec.Hooks.Poststop[0].Path, "/bin/true");
+        assert_eq!(spec.Hooks.StartContainer[0].Path, "/bin/true");
         assert_eq!(spec.Linux.Seccomp.DefaultAction, "SCMP_ACT_ERRNO");
     }
 

@@ -195,6 +195,45 @@ impl Containerd {
         (text(&out.stdout), out.status.code().unwrap_or(-1))
     }
 
+    /// The spec `ctr` would make for `args` in `rootfs`, as JSON to edit
+    /// (hooks, annotations) before [`Containerd::run_spec`].
+    pub fn default_spec(&self, rootfs: &str, args: &[&str]) -> serde_json::Value {
+        let out = self.ctr(&["oci", "spec"]);
+        assert!(out.status.success(), "ctr oci spec: {}", text(&out.stderr));
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ctr oci spec");
+        spec["root"]["path"] = rootfs.into();
+        spec["process"]["args"] = serde_json::json!(args);
+        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        // `ctr run` appends the id to the cgroup path; a spec file is taken
+        // as it is, and every container would share "/default". Empty: the
+        // agent's own per-container cgroup.
+        spec["linux"]["cgroupsPath"] = "".into();
+        spec
+    }
+
+    /// `ctr run --config FILE ID` with `spec` in FILE: the whole bundle
+    /// config as the test wrote it, hooks included.
+    pub fn run_spec(&self, detach: bool, id: &str, spec: &serde_json::Value) -> Output {
+        let file = self.path().join(format!("{id}.spec.json"));
+        std::fs::write(&file, serde_json::to_vec_pretty(spec).expect("spec JSON"))
+            .expect("spec file");
+        let file = file.display().to_string();
+        let mut argv = vec!["run"];
+        if detach {
+            argv.push("-d");
+        }
+        argv.extend(["--runtime", RUNTIME, "--config", file.as_str(), id]);
+        self.ctr(&argv)
+    }
+
+    /// The bundle directory containerd gives the shim for task `id`.
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.path()
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+    }
+
     pub fn run_detached(&self, rootfs: &str, id: &str, args: &[&str]) {
         let out = self.ctr(&run_argv(true, rootfs, id, args));
         assert!(

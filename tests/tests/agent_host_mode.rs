@@ -705,3 +705,118 @@ async fn passfd_stdio_ports_are_refused_as_unimplemented() {
     let err = client.exec_process(prompt(), &exec).await.unwrap_err();
     assert_eq!(code(&err), Code::UNIMPLEMENTED);
 }
+
+fn sh_hook(script: &str, timeout: i64) -> oci::Hook {
+    oci::Hook {
+        Path: "/bin/sh".into(),
+        Args: vec!["sh".into(), "-c".into(), script.into()],
+        Timeout: timeout,
+        ..Default::default()
+    }
+}
+
+/// createContainer runs in the container's mount namespace before
+/// pivot_root, from the new root (its path resolves in the agent's
+/// namespace: here the host's /bin/sh); startContainer runs inside the
+/// container (the rootfs's busybox sh) before the program.
+#[tokio::test]
+async fn create_container_and_start_container_hooks_run_in_the_container_before_its_program() {
+    require!("create_container_and_start_container_hooks_run_in_the_container_before_its_program");
+    let (agent, client, rootfs) = setup().await;
+    let saved = agent.dir.path().join("create-state.json");
+    let mut s = spec(
+        &rootfs,
+        &["sh", "-c", "cat /etc/hook-note /tmp/start-state.json"],
+    );
+    s.Process
+        .mut_or_insert_default()
+        .Env
+        .push("NOTE=from-the-process-env".into());
+    let hooks = s.Hooks.mut_or_insert_default();
+    hooks.CreateContainer = vec![sh_hook(
+        &format!(
+            "cat > {}; test -d proc/self && echo \"written from $(pwd)\" > etc/hook-note",
+            saved.display()
+        ),
+        0,
+    )];
+    hooks.StartContainer = vec![sh_hook(
+        "cat > /tmp/start-state.json; echo \" $NOTE\" >> /tmp/start-state.json",
+        5,
+    )];
+    let (out, err, status) = run(&client, "guesthooks", s).await;
+    assert_eq!(status, 0, "stderr: {err}");
+    let (note, rest) = out.split_once('\n').expect("two parts");
+    assert_eq!(note, format!("written from {}", rootfs.display()));
+    let (start, env) = rest.rsplit_once(' ').expect("state, then env");
+    assert_eq!(
+        env, "from-the-process-env\n",
+        "a hook without env gets the process's"
+    );
+    let start: serde_json::Value = serde_json::from_str(start).expect(start);
+    let create: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&saved).expect("createContainer ran")).unwrap();
+    for (state, status) in [(&create, "creating"), (&start, "created")] {
+        assert_eq!(state["id"], "guesthooks", "{state}");
+        assert_eq!(state["status"], status, "{state}");
+        assert_eq!(state["pid"], 1, "the pid as the container sees it: {state}");
+        assert_eq!(state["ociVersion"], "1.1.0", "{state}");
+        assert!(
+            state["bundle"]
+                .as_str()
+                .is_some_and(|b| b.ends_with("/guesthooks")),
+            "{state}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_start_container_hook_fails_start_and_the_program_never_runs() {
+    require!("a_failing_start_container_hook_fails_start_and_the_program_never_runs");
+    let (_agent, client, rootfs) = setup().await;
+    let mut s = spec(&rootfs, &["sh", "-c", "echo > /tmp/program-ran"]);
+    s.Hooks.mut_or_insert_default().StartContainer =
+        vec![sh_hook("echo no ldconfig here >&2; exit 3", 0)];
+    create(&client, "hookfail", s).await;
+    let mut req = StartContainerRequest::new();
+    req.container_id = "hookfail".into();
+    let err = client.start_container(prompt(), &req).await.unwrap_err();
+    assert_eq!(code(&err), Code::FAILED_PRECONDITION, "{err:?}");
+    assert!(
+        format!("{err:?}").contains(
+            "startContainer hook #0 (/bin/sh) failed: exit status 3, stderr: no ldconfig here"
+        ),
+        "{err:?}"
+    );
+    assert_ne!(wait(&client, "hookfail", "").await.unwrap(), 0);
+    assert!(!rootfs.join("tmp/program-ran").exists(), "the program ran");
+    remove(&client, "hookfail").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_create_container_hook_past_its_timeout_fails_create_and_leaves_nothing() {
+    require!("a_create_container_hook_past_its_timeout_fails_create_and_leaves_nothing");
+    let (_agent, client, rootfs) = setup().await;
+    let mut s = spec(&rootfs, &["true"]);
+    s.Hooks.mut_or_insert_default().CreateContainer = vec![sh_hook("sleep 100", 1)];
+    let started = std::time::Instant::now();
+    let err = client
+        .create_container(prompt(), &create_request("hookslow", s))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(code(&err), Code::DEADLINE_EXCEEDED, "{err:?}");
+    assert!(
+        format!("{err:?}").contains(
+            "createContainer hook #0 (/bin/sh) ran past its timeout of 1s and was killed"
+        ),
+        "{err:?}"
+    );
+    for d in cgroup_dirs("hookslow") {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    assert_eq!(mounts_under(&rootfs), Vec::<String>::new());
+    // Nothing holds the id: the same container without the hook runs.
+    let (out, _, status) = run(&client, "hookslow", spec(&rootfs, &["echo", "fine"])).await;
+    assert_eq!((out.as_str(), status), ("fine\n", 0));
+}

@@ -260,3 +260,169 @@ fn ctr_seccomp_cap_drop_and_read_only_are_enforced() {
     assert_eq!(text(&out.stdout), "write=1\n", "{}", text(&out.stderr));
     c.assert_nothing_left();
 }
+
+/// A hook that saves the state JSON it reads on stdin as `<dir>/<name>.json`.
+fn saving_hook(dir: &std::path::Path, name: &str) -> serde_json::Value {
+    let file = dir.join(format!("{name}.json"));
+    serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", file.display())]})
+}
+
+fn saved_state(dir: &std::path::Path, name: &str) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(dir.join(format!("{name}.json"))).ok()?;
+    Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}.json: {e}")))
+}
+
+/// The pid `ctr task ls` shows for a task.
+fn task_pid(c: &Containerd, id: &str) -> u64 {
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    ls.lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(id)).then(|| cols.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no task {id} in:\n{ls}"))
+}
+
+#[test]
+fn host_hooks_get_the_state_on_stdin_and_poststop_runs_after_delete() {
+    if !ready("host_hooks_get_the_state_on_stdin_and_poststop_runs_after_delete") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let dir = c.path().join("hook-states");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut spec = c.default_spec(rootfs.to_str().unwrap(), &["sleep", "1000"]);
+    spec["annotations"] = serde_json::json!({"test.kestrel/owner": "hooks"});
+    spec["hooks"] = serde_json::json!({
+        "prestart": [saving_hook(&dir, "prestart")],
+        "createRuntime": [saving_hook(&dir, "createRuntime")],
+        "poststart": [saving_hook(&dir, "poststart")],
+        "poststop": [saving_hook(&dir, "poststop")],
+    });
+    let out = c.run_spec(true, "hooked", &spec);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        c.log_text()
+    );
+    let pid = task_pid(&c, "hooked");
+    let bundle = c.bundle("hooked").display().to_string();
+    for (phase, status) in [
+        ("prestart", "creating"),
+        ("createRuntime", "creating"),
+        ("poststart", "running"),
+    ] {
+        let state = saved_state(&dir, phase).unwrap_or_else(|| panic!("{phase} hook did not run"));
+        assert_eq!(state["ociVersion"], spec["ociVersion"], "{phase}: {state}");
+        assert_eq!(state["id"], "hooked", "{phase}: {state}");
+        assert_eq!(state["status"], status, "{phase}: {state}");
+        assert_eq!(state["pid"], pid, "{phase}: {state}");
+        assert_eq!(state["bundle"], bundle.as_str(), "{phase}: {state}");
+        assert_eq!(
+            state["annotations"]["test.kestrel/owner"], "hooks",
+            "{phase}: {state}"
+        );
+    }
+    assert_eq!(
+        saved_state(&dir, "poststop"),
+        None,
+        "poststop ran before delete"
+    );
+    c.kill_and_delete("hooked");
+    let state =
+        saved_state(&dir, "poststop").expect("poststop did not run by the time delete returned");
+    assert_eq!(
+        (state["id"].as_str(), state["status"].as_str()),
+        (Some("hooked"), Some("stopped")),
+        "{state}"
+    );
+    c.assert_nothing_left();
+}
+
+#[test]
+fn a_failing_prestart_hook_fails_the_create_naming_it_and_leaves_nothing() {
+    let test = "a_failing_prestart_hook_fails_the_create_naming_it_and_leaves_nothing";
+    if !ready(test) {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let dir = c.path().join("hook-states");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ran = rootfs.join("tmp/program-ran");
+    let mut spec = c.default_spec(
+        rootfs.to_str().unwrap(),
+        &["sh", "-c", "echo > /tmp/program-ran"],
+    );
+    spec["hooks"] = serde_json::json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo refusing to start >&2; exit 7"]}],
+        "createRuntime": [saving_hook(&dir, "createRuntime")],
+        "poststart": [saving_hook(&dir, "poststart")],
+        "poststop": [saving_hook(&dir, "poststop")],
+    });
+    let out = c.run_spec(false, "refused", &spec);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "ctr run succeeded");
+    assert!(
+        stderr.contains("container refused: prestart hook #0 (/bin/sh) failed: exit status 7, stderr: refusing to start"),
+        "{stderr}"
+    );
+    assert!(!ran.exists(), "the program ran");
+    assert_eq!(
+        saved_state(&dir, "createRuntime"),
+        None,
+        "hooks after the failed one ran"
+    );
+    assert_eq!(saved_state(&dir, "poststart"), None);
+    // As runc: the failed create destroys the container, then poststop.
+    let poststop = saved_state(&dir, "poststop").expect("poststop after the failed create");
+    assert_eq!(poststop["status"], "stopped", "{poststop}");
+    let out = c.ctr(&["container", "delete", "refused"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.assert_nothing_left();
+}
+
+#[test]
+fn a_create_runtime_hook_past_its_timeout_is_killed_and_named() {
+    if !ready("a_create_runtime_hook_past_its_timeout_is_killed_and_named") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let pid_file = c.path().join("hook.pid");
+    let mut spec = c.default_spec(rootfs.to_str().unwrap(), &["true"]);
+    spec["hooks"] = serde_json::json!({
+        "createRuntime": [{
+            "path": "/bin/sh",
+            "args": ["sh", "-c", format!("echo $$ > {}; exec sleep 100", pid_file.display())],
+            "timeout": 1
+        }],
+    });
+    let started = Instant::now();
+    let out = c.run_spec(false, "slow", &spec);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "ctr run succeeded");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr
+            .contains("createRuntime hook #0 (/bin/sh) ran past its timeout of 1s and was killed"),
+        "{stderr}"
+    );
+    let hook: i32 = std::fs::read_to_string(&pid_file)
+        .expect("the hook ran")
+        .trim()
+        .parse()
+        .unwrap();
+    let alive =
+        std::fs::read_to_string(format!("/proc/{hook}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    assert!(!alive, "the hook (pid {hook}) still runs");
+    let out = c.ctr(&["container", "delete", "slow"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.assert_nothing_left();
+}

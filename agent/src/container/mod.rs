@@ -5,6 +5,7 @@
 pub mod capabilities;
 pub mod cgroup;
 pub mod lsm;
+pub mod hooks;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
@@ -69,6 +70,7 @@ impl Container {
         process.seccomp = seccomp.clone();
         lsm::warn_unenforced(id, spec);
         let mut rootfs = spec::rootfs_config(spec, bundle_dir)?;
+        let hooks = hooks::from_spec(spec, id, bundle_dir)?;
         let cgroup_path = match spec.Linux.CgroupsPath.as_str() {
             // systemd-style "slice:prefix:name" paths need systemd; use ours.
             "" => format!("kestrel/{id}"),
@@ -80,6 +82,7 @@ impl Container {
         let config = SetupConfig {
             role: Role::Init(rootfs),
             process,
+            hooks,
         };
         let console = spec
             .Process
@@ -194,6 +197,7 @@ impl Container {
                 pid: self.init.pid.as_raw(),
             },
             process,
+            hooks: hooks::GuestHooks::default(),
         };
         let (process, _) = launch(
             reaper,

@@ -108,6 +108,8 @@ fn helper_error(line: &str) -> Error {
     match line.split_once(' ') {
         Some(("invalid", msg)) => Error::InvalidArgument(msg.to_string()),
         Some(("internal", msg)) => Error::Internal(msg.to_string()),
+        Some(("failed", msg)) => Error::FailedPrecondition(msg.to_string()),
+        Some(("deadline", msg)) => Error::DeadlineExceeded(msg.to_string()),
         _ => Error::Internal(format!("unexpected answer from the setup helper: {line:?}")),
     }
 }

@@ -25,7 +25,12 @@ const LOCKED: MsFlags = MsFlags::MS_RDONLY
     .union(MsFlags::MS_NODEV)
     .union(MsFlags::MS_NOEXEC);
 
-pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
+/// Builds the container's view; `before_pivot` runs once the mounts are
+/// made and the old root is still reachable (the createContainer hooks).
+pub fn prepare<E: From<String>>(
+    cfg: &RootfsConfig,
+    before_pivot: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     if cfg.cgroup_namespace {
         // Only now, inside the container's cgroup, so that it becomes the
         // namespace's root.
@@ -61,6 +66,7 @@ pub fn prepare(cfg: &RootfsConfig) -> Result<()> {
     if fresh_dev {
         populate_dev(root)?;
     }
+    before_pivot()?;
 
     enter(root)?;
 

@@ -21,6 +21,8 @@
 //!   container;
 //! - `invalid MESSAGE` when the request cannot be carried out as given
 //!   (a mount that fails, a missing program or working directory);
+//! - `failed MESSAGE` / `deadline MESSAGE` when one of the spec's hooks
+//!   failed / ran past its timeout;
 //! - `internal MESSAGE` when the helper itself fails (its socket, clone).
 //!
 //! When the program is executed the socket closes, so EOF means success.
@@ -38,6 +40,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sched::{setns, CloneFlags};
 use nix::unistd::{chdir, execve, setgid, setgroups, setsid, setuid, Gid, Uid};
 
+use super::hooks::{HookError, Phase};
 use super::process::clone_process;
 use super::rootfs;
 use super::spec::{ProcessConfig, Role, SetupConfig, DEFAULT_PATH};
@@ -66,6 +69,14 @@ pub fn run() -> ! {
             let _ = writeln!(control, "internal {}", msg.replace('\n', " "));
             126
         }
+        Err(Failure::Hook(e)) => {
+            let kind = match e {
+                HookError::TimedOut { .. } => "deadline",
+                _ => "failed",
+            };
+            let _ = writeln!(control, "{kind} {}", e.to_string().replace('\n', " "));
+            127
+        }
     };
     std::process::exit(code)
 }
@@ -74,6 +85,13 @@ pub fn run() -> ! {
 enum Failure {
     Invalid(String),
     Internal(String),
+    Hook(HookError),
+}
+
+impl From<HookError> for Failure {
+    fn from(e: HookError) -> Self {
+        Failure::Hook(e)
+    }
 }
 
 /// Failures of the container's own setup (mounts, identity, the program)
@@ -91,12 +109,22 @@ fn setup(control: &mut UnixStream) -> Result<Infallible, Failure> {
     match config.role {
         Role::Init(rootfs) => {
             session(&config.process)?;
-            rootfs::prepare(&rootfs)?;
+            // runc runs them from the new root's directory, before pivot_root.
+            rootfs::prepare(&rootfs, || {
+                config
+                    .hooks
+                    .run(Phase::CreateContainer, Some(&rootfs.root), &[])
+                    .map_err(Failure::Hook)
+            })?;
             let program = prepare_process(&config.process)?;
             reply(control, "ok")?;
             let mut start = [0u8; 1];
             match control.read(&mut start) {
-                Ok(1) => Ok(exec(&program, &config.process)?),
+                Ok(1) => {
+                    let p = &config.process;
+                    config.hooks.run(Phase::StartContainer, None, &p.env)?;
+                    Ok(exec(&program, p)?)
+                }
                 _ => Err(Failure::Internal(
                     "the agent went away before StartContainer".into(),
                 )),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::capabilities::Capabilities;
 use super::seccomp::Filter;
+use super::hooks::GuestHooks;
 use crate::error::{Error, Result};
 
 /// PATH used to find the executable when the spec's env has none.
@@ -23,6 +24,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub struct SetupConfig {
     pub role: Role,
     pub process: ProcessConfig,
+    /// The container's createContainer and startContainer hooks (none for
+    /// an exec).
+    pub hooks: GuestHooks,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -22,6 +22,7 @@ use kestrel_protocols::oci;
 use tokio::sync::watch;
 
 use super::state::{Exit, IllegalTransition, Phase, ProcessState, Transition};
+use crate::hooks::HostHooks;
 use crate::shim::mount::MountedRootfs;
 use crate::shim::stdio::ProcessIo;
 
@@ -127,6 +128,9 @@ pub struct Container {
     pub bundle: PathBuf,
     pub sandbox_id: String,
     pub init: Arc<Process>,
+    /// The OCI hooks the host runs for it (poststart and poststop come
+    /// after Create has returned).
+    pub hooks: HostHooks,
     execs: Mutex<BTreeMap<String, Arc<Process>>>,
     rootfs: Mutex<Option<MountedRootfs>>,
     /// Serialises create/start/exec/kill/delete on this container only.
@@ -151,10 +155,17 @@ impl Container {
             bundle,
             sandbox_id: sandbox_id.into(),
             init: Arc::new(Process::new("", stdio)),
+            hooks: HostHooks::default(),
             execs: Mutex::new(BTreeMap::new()),
             rootfs: Mutex::new(None),
             op: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The container with the host-side hooks of its spec.
+    pub fn with_hooks(mut self, hooks: HostHooks) -> Self {
+        self.hooks = hooks;
+        self
     }
 
     fn execs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Process>>> {

@@ -7,6 +7,7 @@ use kestrel_protocols::ttrpc::Code;
 
 use super::mount::MountError;
 use crate::agent_client::AgentError;
+use crate::hooks::HookError;
 use crate::lifecycle::registry::RegistryError;
 use crate::lifecycle::state::IllegalTransition;
 use crate::oci::SpecError;
@@ -62,6 +63,12 @@ pub enum ShimError {
         #[source]
         source: std::io::Error,
     },
+    #[error("container {id}")]
+    Hook {
+        id: String,
+        #[source]
+        source: HookError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -87,6 +94,12 @@ impl ShimError {
             ShimError::Agent { source, .. } => source.code().unwrap_or(Code::UNAVAILABLE),
             ShimError::Sandbox(_) | ShimError::SandboxStartFailed { .. } => Code::UNAVAILABLE,
             ShimError::CopyIntoVm { .. } | ShimError::Internal(_) => Code::INTERNAL,
+            // The spec's own hook refused, or could not be run here.
+            ShimError::Hook {
+                source: HookError::TimedOut { .. },
+                ..
+            } => Code::DEADLINE_EXCEEDED,
+            ShimError::Hook { .. } => Code::FAILED_PRECONDITION,
         }
     }
 

@@ -29,10 +29,11 @@ use super::pool::SandboxPool;
 use super::stdio::ProcessIo;
 use crate::agent_client::AgentClient;
 use crate::config::Config;
+use crate::hooks::Phase as HookPhase;
 use crate::lifecycle::events::{Event, EventStream};
 use crate::lifecycle::registry::{Container, Lookup, Process, Registry, Stdio, TombstoneLimits};
 use crate::lifecycle::state::{Exit, Phase, ProcessState, Transition};
-use crate::oci::{load_bundle_spec, process_from_json, resources_from_json, sandbox_id};
+use crate::oci::{load_bundle, process_from_json, resources_from_json, sandbox_id, BundleConfig};
 use crate::rootfs;
 use crate::sandbox::Sandbox;
 
@@ -124,7 +125,7 @@ impl Runtime {
                 params.bundle.display()
             )));
         }
-        let mut spec = load_bundle_spec(&params.bundle)?;
+        let BundleConfig { mut spec, hooks } = load_bundle(&params.bundle)?;
         let sandbox_id = sandbox_id(&spec, &params.id).to_string();
         validate_id("sandbox id", &sandbox_id)?;
         if spec.Process.is_none() {
@@ -132,12 +133,15 @@ impl Runtime {
                 "the OCI spec has no process".into(),
             ));
         }
-        let container = self.registry.insert(Container::new(
-            &params.id,
-            params.bundle.clone(),
-            &sandbox_id,
-            params.stdio.clone(),
-        ))?;
+        let container = self.registry.insert(
+            Container::new(
+                &params.id,
+                params.bundle.clone(),
+                &sandbox_id,
+                params.stdio.clone(),
+            )
+            .with_hooks(hooks),
+        )?;
         let _op = container.op.lock().await;
         match self.create_in_sandbox(&container, &params, &mut spec).await {
             Ok((pid, sandbox)) => {
@@ -156,6 +160,9 @@ impl Runtime {
                 // Nothing half-created: no rootfs mount, no registry entry.
                 container.release_rootfs();
                 self.registry.discard(&params.id);
+                // As runc destroys a container whose create failed: the
+                // poststop hooks run, their failures only logged.
+                self.run_poststop_hooks(&container, 0).await;
                 self.stop_sandbox_if_unused(&sandbox_id).await;
                 Err(e)
             }
@@ -179,6 +186,15 @@ impl Runtime {
             spec.Root.mut_or_insert_default().Path = root.display().to_string();
         }
         let sandbox = self.ensure_sandbox(&container.sandbox_id).await?;
+        // The runtime environment exists (the VM, the rootfs at the
+        // bundle); nothing of the container is in the guest yet. Here,
+        // rather than after CreateContainer, so that the order of the
+        // runtime spec holds (the guest's createContainer hooks run during
+        // CreateContainer, after these) and what a hook changes in the
+        // rootfs reaches the guest, copied or shared.
+        for phase in [HookPhase::Prestart, HookPhase::CreateRuntime] {
+            self.run_hooks(container, phase, sandbox.pid()).await?;
+        }
         let agent = sandbox.agent();
         if sandbox.rootfs_delivery() == RootfsDelivery::CopyIntoGuest {
             copy_into_vm(agent, id, spec).await?;
@@ -224,6 +240,18 @@ impl Runtime {
                 .start_container(id)
                 .await
                 .map_err(ShimError::agent(id, "starting it"))?;
+            if let Err(e) = self.run_hooks(&container, HookPhase::Poststart, pid).await {
+                // As runc: a failed poststart hook kills the container and
+                // fails the start; its exit is recorded as any other.
+                if let Err(kill) = sandbox
+                    .agent()
+                    .signal_process(id, id, libc::SIGKILL as u32)
+                    .await
+                {
+                    tracing::warn!(container_id = id, error = %kill, "killing the container after its poststart hook failed");
+                }
+                return Err(e);
+            }
             process.apply(Transition::Start { pid })?;
             self.events.emit(Event::Start {
                 container_id: id.into(),
@@ -271,6 +299,26 @@ impl Runtime {
             tokio::spawn(Arc::clone(self).watch_exit(Arc::clone(&container), process, sandbox));
         }
         Ok(pid)
+    }
+
+    /// Runs the container's hooks of `phase` on the host.
+    async fn run_hooks(&self, container: &Container, phase: HookPhase, pid: u32) -> Result<()> {
+        container
+            .hooks
+            .run(phase, &container.id, &container.bundle, pid)
+            .await
+            .map_err(|source| ShimError::Hook {
+                id: container.id.clone(),
+                source,
+            })
+    }
+
+    /// Runs the container's poststop hooks; as the runtime spec asks, a
+    /// failure is a warning and the deletion goes on.
+    pub(super) async fn run_poststop_hooks(&self, container: &Container, pid: u32) {
+        if let Err(e) = self.run_hooks(container, HookPhase::Poststop, pid).await {
+            tracing::warn!(container_id = %container.id, error = e.chain(), "poststop hook failed; the container is deleted regardless");
+        }
     }
 
     pub fn state(&self, id: &str, exec_id: &str) -> Result<ProcessStatus> {

@@ -87,6 +87,10 @@ impl Runtime {
                 self.record_exit(&container, &exec, Exit::now(KILLED_STATUS));
             }
         }
+        // The container is gone from the guest and its rootfs unmounted;
+        // the delete returns, and TaskDelete is published, after these.
+        self.run_poststop_hooks(&container, container.init.state().pid())
+            .await;
         let state = container.init.apply(Transition::FinishDelete)?;
         let exit = state
             .exit()
