@@ -29,6 +29,8 @@ results=()
 failed=0
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target" "artifacts/$target"
+    seeds=()
+    [ -d "seeds/$target" ] && seeds=("seeds/$target")
     log=$(mktemp)
     wrap=()
     # The agent target serves requests as root; its own mount and network
@@ -39,7 +41,7 @@ for target in "${targets[@]}"; do
     before=$(find "artifacts/$target" -type f | wc -l)
     echo "== $target: ${seconds}s"
     set +e
-    "${wrap[@]}" cargo fuzz run -O "$target" "corpus/$target" "seeds/$target" -- \
+    "${wrap[@]}" cargo fuzz run -O "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1
     status=$?
@@ -49,10 +51,10 @@ for target in "${targets[@]}"; do
     after=$(find "artifacts/$target" -type f | wc -l)
     crashes=$((after - before))
     if [ "$status" -ne 0 ] && [ "$crashes" -eq 0 ]; then
-        # Died without an artifact (build or start failure): show why.
-        crashes=1
-    fi
-    if [ "$crashes" -gt 0 ]; then
+        echo "$target did not run (exit status $status):"
+        failed=1
+        tail -40 "$log"
+    elif [ "$crashes" -gt 0 ]; then
         failed=1
         tail -40 "$log"
         find "artifacts/$target" -type f -newer "$log" -printf '  input: fuzz/%p\n' || true

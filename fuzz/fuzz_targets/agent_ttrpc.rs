@@ -62,7 +62,9 @@ fn agent() -> &'static PathBuf {
                 let reaper = Reaper::default();
                 reaper.start().expect("SIGCHLD handler");
                 let sandbox = Arc::new(Sandbox::new(reaper, shared, false));
-                let mut server = Server::new().bind(&address).expect("binding the agent socket");
+                let mut server = Server::new()
+                    .bind(&address)
+                    .expect("binding the agent socket");
                 for service in server::services(sandbox) {
                     server = server.register_service(service);
                 }
@@ -123,7 +125,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut stream) = UnixStream::connect(agent()) else {
         panic!("the agent stopped accepting connections");
     };
-    stream.set_write_timeout(Some(ANSWER_WAIT)).expect("timeout");
+    stream
+        .set_write_timeout(Some(ANSWER_WAIT))
+        .expect("timeout");
     stream.set_read_timeout(Some(ANSWER_WAIT)).expect("timeout");
     // The agent may close the connection over a bad frame before reading
     // everything: a failed write is an answer too.

@@ -140,6 +140,10 @@ fuzz_target!(|requests: Vec<Request>| {
             .flatten()
             .map(|e| e.file_name())
             .collect();
-        assert_eq!(siblings.len(), 2, "CopyFile wrote beside the shared dir: {siblings:?}");
+        assert_eq!(
+            siblings.len(),
+            2,
+            "CopyFile wrote beside the shared dir: {siblings:?}"
+        );
     }
 });

@@ -34,7 +34,8 @@ fuzz_target!(|data: &[u8]| {
     let mut second_sent = false;
     if step == HandshakeStep::Pending {
         host.write_all(second).expect("writing the second piece");
-        host.shutdown(Shutdown::Write).expect("closing the host's end");
+        host.shutdown(Shutdown::Write)
+            .expect("closing the host's end");
         second_sent = true;
         step = handshake.advance();
     }

@@ -26,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
     for path in accepted {
         // A later entry's implied parent directory never replaces an
         // entry of its own, so each accepted entry is there as it was.
-        assert_eq!(again.get(path.as_str()), entries.get(path.as_str()), "{path}");
+        assert_eq!(
+            again.get(path.as_str()),
+            entries.get(path.as_str()),
+            "{path}"
+        );
     }
 });

@@ -38,8 +38,11 @@ const BUFS: u64 = 0x2_0000;
 const LISTENED_PORT: u32 = 52;
 /// Where the muxer numbers host-initiated connections from.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// The mock writes avail entries without wrapping: stay below a full ring.
-const MAX_CHAINS: u16 = QUEUE_SIZE - 8;
+/// Chains per queue and input. The mock writes avail entries without
+/// wrapping, and lays its used ring out after only half of the avail
+/// entries a `QUEUE_SIZE` ring has: more chains would overwrite the used
+/// ring with avail entries (a harness fault, not the device's).
+const MAX_CHAINS: u16 = QUEUE_SIZE / 2 - 8;
 
 #[derive(Arbitrary, Debug)]
 enum Port {
@@ -92,7 +95,10 @@ enum Step {
         one_descriptor: bool,
     },
     /// Any chain: up to four descriptors, memory filled with `fill`.
-    RawChain { descs: Vec<RawDesc>, fill: Vec<u8> },
+    RawChain {
+        descs: Vec<RawDesc>,
+        fill: Vec<u8>,
+    },
     /// The guest offers RX buffers and the device fills them.
     Rx {
         count: u8,
@@ -101,11 +107,25 @@ enum Step {
         split: bool,
         write_only: bool,
     },
-    /// A host program connects to the hybrid socket and writes `line`.
-    HostConnect { line: Vec<u8> },
-    HostWrite { which: u8, data: Vec<u8> },
-    HostShutdown { which: u8, read: bool, write: bool },
-    HostClose { which: u8 },
+    /// A host program connects to the hybrid socket and asks for a guest
+    /// port, in either case, or writes `junk` instead of the line.
+    HostConnect {
+        port: Port,
+        lowercase: bool,
+        junk: Option<Vec<u8>>,
+    },
+    HostWrite {
+        which: u8,
+        data: Vec<u8>,
+    },
+    HostShutdown {
+        which: u8,
+        read: bool,
+        write: bool,
+    },
+    HostClose {
+        which: u8,
+    },
     /// The program listening on `<uds>_52` accepts what is pending.
     Accept,
     /// The muxer handles host events.
@@ -217,16 +237,23 @@ impl Guest<'_> {
             if len == 0 {
                 continue;
             }
-            let (addr, header_len, room) = self.rx_buffers[id as usize]
-                .expect("the device used a buffer the guest offered");
-            assert!(header_len as usize >= HEADER_SIZE, "a packet in a short header buffer");
+            let (addr, header_len, room) =
+                self.rx_buffers[id as usize].expect("the device used a buffer the guest offered");
+            assert!(
+                header_len as usize >= HEADER_SIZE,
+                "a packet in a short header buffer"
+            );
             let mut raw = [0u8; HEADER_SIZE];
             self.mem
                 .read_slice(&mut raw, GuestAddress(addr))
                 .expect("reading a written header");
             let hdr = Header::from_bytes(&raw);
             assert_eq!(len, HEADER_SIZE as u32 + hdr.len, "used length vs header");
-            assert!(hdr.len <= room, "payload {} in a {room}-byte buffer", hdr.len);
+            assert!(
+                hdr.len <= room,
+                "payload {} in a {room}-byte buffer",
+                hdr.len
+            );
             assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID));
             assert_eq!(hdr.type_, op::TYPE_STREAM);
         }
@@ -315,7 +342,11 @@ fuzz_target!(|steps: Vec<Step>| {
                         } else {
                             u64::from(d.at) * 16
                         };
-                        let flags = if d.write_only { VRING_DESC_F_WRITE as u16 } else { 0 };
+                        let flags = if d.write_only {
+                            VRING_DESC_F_WRITE as u16
+                        } else {
+                            0
+                        };
                         (addr, d.len, flags)
                     })
                     .collect();
@@ -348,7 +379,13 @@ fuzz_target!(|steps: Vec<Step>| {
                 guest.offer_rx(count, header_len, u32::from(data_len), split, write_only);
                 guest.rx();
             }
-            Step::HostConnect { line } => {
+            Step::HostConnect {
+                port,
+                lowercase,
+                junk,
+            } => {
+                let verb = if lowercase { "connect" } else { "CONNECT" };
+                let line = junk.unwrap_or_else(|| format!("{verb} {}\n", port.get()).into_bytes());
                 if let Ok(mut stream) = unix::connect_nonblocking(&uds) {
                     let _ = stream.write(&line[..line.len().min(256)]);
                     hosts.push(stream);
