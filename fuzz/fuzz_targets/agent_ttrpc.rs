@@ -1,8 +1,9 @@
 //! ttrpc frames into the agent: the bytes a runtime (or anything that can
-//! reach vsock port 1024) writes, into a real agent server — the ttrpc
-//! server with the agent's own `grpc.AgentService` and `grpc.Health`
-//! services over a `Sandbox` in host mode — listening on a Unix socket in
-//! this process, so coverage and panics of its threads count.
+//! reach vsock port 1024) writes, into a real agent server put together as
+//! `kestrel-agent`'s `serve` does — its listener wrapped in
+//! `unknown_service`'s frame-rewriting `Redirect`, the agent's own services
+//! over a `Sandbox` in host mode — listening on a Unix socket in this
+//! process, so coverage and panics of its threads count.
 //!
 //! Input: pieces, each a kind byte, a big-endian u16 length and that many
 //! bytes. An even kind makes a request frame of the bytes (a `Request`
@@ -26,8 +27,9 @@ use std::time::Duration;
 
 use kestrel_agent::reaper::Reaper;
 use kestrel_agent::sandbox::Sandbox;
-use kestrel_agent::server;
+use kestrel_agent::{server, unknown_service};
 use kestrel_protocols::protobuf::Message;
+use kestrel_protocols::ttrpc::r#async::transport::Listener;
 use kestrel_protocols::ttrpc::r#async::Server;
 use kestrel_protocols::ttrpc::{self, Response};
 use libfuzzer_sys::fuzz_target;
@@ -62,10 +64,12 @@ fn agent() -> &'static PathBuf {
                 let reaper = Reaper::default();
                 reaper.start().expect("SIGCHLD handler");
                 let sandbox = Arc::new(Sandbox::new(reaper, shared, false));
-                let mut server = Server::new()
-                    .bind(&address)
-                    .expect("binding the agent socket");
-                for service in server::services(sandbox) {
+                let listener = Listener::bind(&address).expect("binding the agent socket");
+                let services = server::services(sandbox);
+                let served = services.iter().flat_map(|s| s.keys().cloned()).collect();
+                let mut server =
+                    Server::new().add_listener(unknown_service::listener(listener, served));
+                for service in services {
                     server = server.register_service(service);
                 }
                 server.start().await.expect("starting the agent server");
