@@ -2,16 +2,6 @@
 //! up and serves the Kata agent API on vsock port 1024; with
 //! `--listen unix://PATH` it runs on the host without a VM (host mode).
 
-mod container;
-mod copy_file;
-mod error;
-mod init;
-mod reaper;
-mod sandbox;
-mod server;
-mod stdio;
-mod unknown_service;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,13 +14,9 @@ use kestrel_protocols::ttrpc::r#async::Server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::level_filters::LevelFilter;
 
-use crate::reaper::Reaper;
-use crate::sandbox::Sandbox;
-
-/// The agent's version, reported by Health.Version and GetGuestDetails.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The API flavour reported as `grpc_version` by Health.Version.
-pub const API_VERSION: &str = "kata-agent-api/ttrpc";
+use kestrel_agent::reaper::Reaper;
+use kestrel_agent::sandbox::Sandbox;
+use kestrel_agent::{container, init, server, unknown_service, VERSION};
 
 /// How long the server lets in-flight replies (DestroySandbox's own among
 /// them) go out when it stops. A runtime's long polls (WaitProcess,
