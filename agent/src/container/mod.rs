@@ -3,6 +3,7 @@
 //! cgroup, mount or process behind.
 
 pub mod cgroup;
+pub mod console;
 pub mod process;
 pub mod rootfs;
 pub mod setup;
@@ -68,11 +69,6 @@ impl Container {
             role: Role::Init(rootfs),
             process,
         };
-        let console = spec
-            .Process
-            .ConsoleSize
-            .as_ref()
-            .map(|b| (b.Height as u16, b.Width as u16));
         let launched = launch(
             reaper,
             Launch {
@@ -80,7 +76,6 @@ impl Container {
                 config: &config,
                 flags,
                 cgroup: &cgroup,
-                console_size: console,
             },
         )
         .await;
@@ -171,9 +166,6 @@ impl Container {
                 self.id
             )));
         }
-        let console = p
-            .and_then(|p| p.ConsoleSize.as_ref())
-            .map(|b| (b.Height as u16, b.Width as u16));
         let config = SetupConfig {
             role: Role::Exec {
                 pid: self.init.pid.as_raw(),
@@ -187,7 +179,6 @@ impl Container {
                 config: &config,
                 flags: CloneFlags::empty(),
                 cgroup: &self.cgroup,
-                console_size: console,
             },
         )
         .await?;
