@@ -10,6 +10,7 @@ use super::containers::Container;
 use super::run::{exit_code, wait_forwarding};
 use super::shim::Shim;
 use super::stdio::Fifos;
+use super::terminal::WindowSize;
 
 #[derive(Args, Debug)]
 pub struct ExecArgs {
@@ -39,12 +40,16 @@ pub async fn run(args: ExecArgs) -> Result<ExitCode> {
 
 async fn exec(shim: &Shim, exec_id: &str, fifos: &Fifos, args: &ExecArgs) -> Result<ExitCode> {
     let outputs = fifos.copy_outputs()?;
-    let process = bundle::exec_process(&args.command, args.tty);
+    // Watched from before its size is read: a change in between then
+    // reaches the process too.
+    let mut window = args.tty.then(WindowSize::watch).flatten();
+    let size = window.as_ref().and_then(WindowSize::current);
+    let process = bundle::exec_process(&args.command, args.tty, size);
     shim.exec(exec_id, &process, &fifos.paths).await?;
     fifos.copy_stdin();
     shim.start(exec_id).await?;
     let raw = args.tty.then(super::terminal::RawMode::enter).flatten();
-    let status = wait_forwarding(shim, exec_id).await?;
+    let status = wait_forwarding(shim, exec_id, window.as_mut()).await?;
     drop(raw);
     outputs.drain().await;
     Ok(exit_code(status))

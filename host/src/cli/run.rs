@@ -14,6 +14,7 @@ use super::bundle;
 use super::containers::Container;
 use super::shim::{self, Shim};
 use super::stdio::Fifos;
+use super::terminal::WindowSize;
 use kestrel_host::config::Config;
 
 #[derive(Args, Debug)]
@@ -77,7 +78,11 @@ async fn start_and_wait(
     container: &Container,
     rootfs: &std::path::Path,
 ) -> Result<ExitCode> {
-    let spec = bundle::spec(&container.id, rootfs, &args.command, args.tty);
+    // Watched from before its size is read: a change in between then
+    // reaches the container too.
+    let mut window = args.tty.then(WindowSize::watch).flatten();
+    let size = window.as_ref().and_then(WindowSize::current);
+    let spec = bundle::spec(&container.id, rootfs, &args.command, args.tty, size);
     bundle::write(&container.dir, &spec).context("writing the bundle")?;
 
     let spinner = Spinner::start("starting the shim");
@@ -117,7 +122,7 @@ async fn start_and_wait(
     }
 
     let _raw = args.tty.then(super::terminal::RawMode::enter).flatten();
-    let status = wait_forwarding_signals(&shim).await?;
+    let status = wait_forwarding(&shim, "", window.as_mut()).await?;
     drop(_raw);
     if let Some(outputs) = outputs {
         outputs.drain().await;
@@ -133,22 +138,34 @@ async fn start_and_wait(
     Ok(exit_code(status))
 }
 
-/// Waits for the init process; SIGINT and SIGTERM to us become SIGTERM to it.
-pub async fn wait_forwarding_signals(shim: &Shim) -> Result<u32> {
-    wait_forwarding(shim, "").await
-}
-
-/// [`wait_forwarding_signals`] for any process of the container.
-pub async fn wait_forwarding(shim: &Shim, exec_id: &str) -> Result<u32> {
+/// Waits for a process of the container (the init for an empty exec id):
+/// SIGINT and SIGTERM to us become SIGTERM to it, and our terminal's size
+/// changes, with `window`, resize its terminal.
+pub async fn wait_forwarding(
+    shim: &Shim,
+    exec_id: &str,
+    mut window: Option<&mut WindowSize>,
+) -> Result<u32> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let wait = shim.wait(exec_id);
     tokio::pin!(wait);
     loop {
+        let resized = async {
+            match window.as_deref_mut() {
+                Some(window) => window.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = &mut wait => return Ok(status?),
             _ = interrupt.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
             _ = terminate.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
+            Some((rows, cols)) = resized => {
+                // A resize that races the process's exit fails; the exit
+                // is what the user gets to see, so the failure is dropped.
+                let _ = shim.resize_pty(exec_id, rows, cols).await;
+            }
         }
     }
 }
