@@ -47,10 +47,12 @@ async fn exec(shim: &Shim, exec_id: &str, fifos: &Fifos, args: &ExecArgs) -> Res
     let process = bundle::exec_process(&args.command, args.tty, size);
     shim.exec(exec_id, &process, &fifos.paths).await?;
     fifos.copy_stdin();
-    shim.start(exec_id).await?;
+    // Raw before the process starts: its first output must not pass
+    // through our line discipline too (a second CR before each LF).
     let raw = args.tty.then(super::terminal::RawMode::enter).flatten();
+    shim.start(exec_id).await?;
     let status = wait_forwarding(shim, exec_id, window.as_mut()).await?;
-    drop(raw);
     outputs.drain().await;
+    drop(raw);
     Ok(exit_code(status))
 }

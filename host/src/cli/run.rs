@@ -114,6 +114,11 @@ async fn start_and_wait(
     if let Some(fifos) = &fifos {
         fifos.copy_stdin();
     }
+    // Raw before the process starts: its first output must not pass
+    // through our line discipline too (a second CR before each LF).
+    let raw = (args.tty && !args.detach)
+        .then(super::terminal::RawMode::enter)
+        .flatten();
     shim.start("").await?;
     spinner.finish();
     if args.detach {
@@ -121,12 +126,11 @@ async fn start_and_wait(
         return Ok(ExitCode::SUCCESS);
     }
 
-    let _raw = args.tty.then(super::terminal::RawMode::enter).flatten();
     let status = wait_forwarding(&shim, "", window.as_mut()).await?;
-    drop(_raw);
     if let Some(outputs) = outputs {
         outputs.drain().await;
     }
+    drop(raw);
     if let Some(fifos) = &fifos {
         fifos.remove();
     }
