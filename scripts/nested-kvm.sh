@@ -9,6 +9,12 @@
 # L1, print every L1 process with its state and what it waits on (wchan),
 # then kill CMD (exit status 137), so a hang ends with its picture.
 #
+# L1 also writes a heartbeat every 5 s. If it stops for 120 s while QEMU
+# still runs, L1 froze (its kernel stopped running, which no watchdog inside
+# it can report): the script prints QEMU's view of L1's CPU (registers, the
+# kernel function it is in), kills QEMU and exits 124. With --timeout S,
+# an L1 still up 300 s after S is pictured and killed the same way (137).
+#
 # --cpus N (default 1, or $KESTREL_NESTED_CPUS) gives L1 N vCPUs, each a TCG
 # thread of its own. One is faster here: the same suite took 80 s with 1 and
 # 118 s with 2 on a 2-core machine (nested KVM's IPIs and TLB shootdowns
@@ -89,6 +95,11 @@ opts=trans=virtio,version=9p2000.L,msize=262144
 # 12336 loops exec ctr thousands of times).
 mount -t 9p -o "$opts,ro,cache=loose" host /host
 mount -t 9p -o "$opts" ctl /ctl
+# The host tells a frozen L1 from a busy one by this file's age.
+(while :; do echo >/ctl/alive; sleep 5; done) &
+# Debian's System.map is a stub: L1's own symbols (nokaslr: fixed addresses)
+# name the function a frozen L1 is stuck in.
+grep ' [tT] ' /proc/kallsyms >/ctl/kallsyms &
 mount -t tmpfs tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /root
@@ -118,8 +129,10 @@ INIT
     trap - EXIT
 fi
 
-ctl=$(mktemp -d)
-trap 'rm -rf "$ctl"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+ctl=$work/ctl
+mkdir "$ctl"
 {
     echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
     printf 'export HOME=%q\n' "${HOME:-/root}"
@@ -145,13 +158,64 @@ WATCHDOG
     echo 'exit $status'
 } >"$ctl/run"
 
+# QEMU's monitor on a pair of FIFOs: how a frozen L1 is looked at.
+mkfifo "$work/monitor.in" "$work/monitor.out"
 "$qemu" -accel tcg,thread=multi -cpu max -m "$memory" -smp "$cpus" -M q35 -nodefaults -display none -serial stdio \
     -no-reboot \
     -kernel "$kdir/vmlinuz" -initrd "$kdir/initrd.gz" \
-    -append "console=ttyS0 quiet panic=-1" \
+    -append "console=ttyS0 quiet panic=-1 nokaslr" \
     -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap" \
     -virtfs "local,path=$ctl,mount_tag=ctl,security_model=passthrough" \
-    </dev/null
+    -chardev "pipe,id=monitor,path=$work/monitor" -mon chardev=monitor,mode=readline \
+    </dev/null &
+qemu_pid=$!
+
+# The kernel function holding address $1 (16 hex digits), from L1's symbols.
+symbol() {
+    [ -s "$ctl/kallsyms" ] || { echo "?"; return; }
+    sort "$ctl/kallsyms" | awk -v want="$1" '$1 <= want { best = $3 " " $4 } END { print best }'
+}
+
+# Asks QEMU's monitor, prints the answer.
+monitor() {
+    echo "$1" >"$work/monitor.in"
+    timeout 5 cat "$work/monitor.out" | tr -d '\r' | grep -v '^(qemu)' || true
+}
+
+# Prints why ($1) and QEMU's view of L1's CPU, then kills QEMU.
+picture() {
+    {
+        echo "nested-kvm: $1. QEMU's view of L1's CPU:"
+        regs=$(monitor "info registers")
+        sed '/^EFER=/q' <<<"$regs"
+        rip=$(sed -n 's/.*RIP=\([0-9a-f]*\).*/\1/p' <<<"$regs" | head -n1)
+        [ -z "$rip" ] || echo "nested-kvm: L1 is at $rip, in $(symbol "$rip")"
+    } >&2
+    kill -KILL "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+}
+
+started=$(date +%s)
+while kill -0 "$qemu_pid" 2>/dev/null; do
+    sleep 2
+    now=$(date +%s)
+    if [ -e "$ctl/alive" ]; then
+        quiet=$((now - $(stat -c %Y "$ctl/alive")))
+    else
+        quiet=$((now - started))
+    fi
+    if [ "$quiet" -ge 120 ]; then
+        picture "L1 froze: no heartbeat for $quiet s while QEMU runs"
+        exit 124
+    fi
+    # The watchdog in L1 ends CMD at the limit; an L1 that is still up
+    # long after it would hold its caller forever.
+    if [ "$limit" -gt 0 ] && [ $((now - started)) -ge $((limit + 300)) ]; then
+        picture "L1 is still up $((now - started)) s after it started, 300 s past the limit"
+        exit 137
+    fi
+done
+wait "$qemu_pid" || true
 if [ ! -s "$ctl/status" ]; then
     echo "nested-kvm: the L1 VM ended without running the command" >&2
     exit 1

@@ -33,6 +33,23 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl From<crate::container::capabilities::CapabilityError> for Error {
+    fn from(e: crate::container::capabilities::CapabilityError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<crate::container::seccomp::SeccompError> for Error {
+    fn from(e: crate::container::seccomp::SeccompError) -> Self {
+        use crate::container::seccomp::SeccompError as S;
+        match e {
+            S::Invalid(_) => Error::InvalidArgument(e.to_string()),
+            S::Unsupported(_) => Error::Unimplemented(e.to_string()),
+            S::Compile(_) => Error::Internal(e.to_string()),
+        }
+    }
+}
+
 impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())

@@ -10,6 +10,7 @@ mod reaper;
 mod sandbox;
 mod server;
 mod stdio;
+mod unknown_service;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use kestrel_protocols::ttrpc::r#async::transport::Listener;
 use kestrel_protocols::ttrpc::r#async::Server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::level_filters::LevelFilter;
@@ -123,10 +125,12 @@ async fn serve(args: Args, pid1: bool) -> anyhow::Result<()> {
     if let Some(path) = &socket {
         prepare_socket_path(path)?;
     }
-    let mut server = Server::new()
-        .bind(&args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
-    for service in server::services(Arc::clone(&sandbox)) {
+    let listener =
+        Listener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let services = server::services(Arc::clone(&sandbox));
+    let served = services.iter().flat_map(|s| s.keys().cloned()).collect();
+    let mut server = Server::new().add_listener(unknown_service::listener(listener, served));
+    for service in services {
         server = server.register_service(service);
     }
     server.start().await.context("starting the ttrpc server")?;

@@ -90,7 +90,6 @@ impl Sandbox {
             (req.sandbox_pidns, "a shared sandbox PID namespace"),
             (!req.guest_hook_path.is_empty(), "guest OCI hooks"),
             (!req.kernel_modules.is_empty(), "kernel modules"),
-            (req.guest_userns, "a guest user namespace"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(asked, _)| *asked) {
             return Err(Error::Unimplemented(format!(
@@ -302,6 +301,7 @@ impl Sandbox {
         let mut details = AgentDetails::new();
         details.version = crate::VERSION.to_string();
         details.init_daemon = self.is_init;
+        details.supports_seccomp = crate::container::seccomp::supported();
         resp.agent_details = Some(details).into();
         resp
     }

@@ -18,6 +18,7 @@ use kestrel_protocols::{agent_ttrpc, health_ttrpc, types};
 
 use crate::error::Error;
 use crate::sandbox::Sandbox;
+use crate::unknown_service;
 
 /// Largest chunk one ReadStdout/ReadStderr returns.
 const MAX_READ: usize = 1 << 20;
@@ -57,11 +58,12 @@ impl AgentService {
 
 /// Implements `grpc.AgentService` from the methods written out in the
 /// first block, plus one for each method in the second that answers
-/// UNIMPLEMENTED with its name (ttrpc's generated default says NOT_FOUND,
-/// which a runtime would take for a missing container). The whole impl is
-/// generated so that `async_trait` sees every method.
+/// UNIMPLEMENTED with its wire name, the one a runtime's logs show (ttrpc's
+/// generated default says NOT_FOUND, which a runtime would take for a
+/// missing container). The whole impl is generated so that `async_trait`
+/// sees every method.
 macro_rules! agent_service {
-    ({ $($implemented:tt)* } unimplemented { $($method:ident($req:ty) -> $resp:ty;)* }) => {
+    ({ $($implemented:tt)* } unimplemented { $($method:ident $wire:literal ($req:ty) -> $resp:ty;)* }) => {
         #[async_trait]
         impl agent_ttrpc::AgentService for AgentService {
             $($implemented)*
@@ -69,7 +71,7 @@ macro_rules! agent_service {
                 async fn $method(&self, _: &TtrpcContext, _: $req) -> ttrpc::Result<$resp> {
                     Err(get_rpc_status(
                         Code::UNIMPLEMENTED,
-                        concat!("grpc.AgentService/", stringify!($method), " is not implemented by the Kestrel agent"),
+                        concat!("grpc.AgentService/", $wire, " is not implemented by the Kestrel agent"),
                     ))
                 }
             )*
@@ -77,8 +79,25 @@ macro_rules! agent_service {
     };
 }
 
+/// Kata's passfd I/O: the runtime pre-connects vsock streams for a
+/// process's stdio and names their ports. The Kestrel agent serves stdio
+/// only through Read/WriteStream, so a request that asks for streams is
+/// refused rather than started with output nobody reads.
+fn agent_stdio_only(method: &str, ports: [u32; 3]) -> ttrpc::Result<()> {
+    if ports == [0; 3] {
+        return Ok(());
+    }
+    Err(status(
+        method,
+        Error::Unimplemented(format!(
+            "{method}: passfd stdio (stdin/stdout/stderr ports {ports:?}) is not supported; leave the ports 0"
+        )),
+    ))
+}
+
 agent_service! {{
     async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        agent_stdio_only("CreateContainer", [req.stdin_port, req.stdout_port, req.stderr_port])?;
         empty("CreateContainer", self.sandbox.create_container(&req).await)
     }
 
@@ -92,6 +111,7 @@ agent_service! {{
     }
 
     async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        agent_stdio_only("ExecProcess", [req.stdin_port, req.stdout_port, req.stderr_port])?;
         let r = self.sandbox.exec_process(&req.container_id, &req.exec_id, req.process.as_ref()).await;
         empty("ExecProcess", r)
     }
@@ -192,23 +212,27 @@ agent_service! {{
         Ok(event)
     }
 } unimplemented {
-        update_ephemeral_mounts(UpdateEphemeralMountsRequest) -> Empty;
-        remove_stale_virtiofs_share_mounts(RemoveStaleVirtiofsShareMountsRequest) -> Empty;
-        update_interface(UpdateInterfaceRequest) -> types::Interface;
-        update_routes(UpdateRoutesRequest) -> Routes;
-        list_interfaces(ListInterfacesRequest) -> Interfaces;
-        list_routes(ListRoutesRequest) -> Routes;
-        add_arp_neighbors(AddARPNeighborsRequest) -> Empty;
-        get_ip_tables(GetIPTablesRequest) -> GetIPTablesResponse;
-        set_ip_tables(SetIPTablesRequest) -> SetIPTablesResponse;
-        get_metrics(GetMetricsRequest) -> Metrics;
-        online_cpu_mem(OnlineCPUMemRequest) -> Empty;
-        reseed_random_dev(ReseedRandomDevRequest) -> Empty;
-        mem_hotplug_by_probe(MemHotplugByProbeRequest) -> Empty;
-        add_swap(AddSwapRequest) -> Empty;
-        get_volume_stats(VolumeStatsRequest) -> VolumeStatsResponse;
-        resize_volume(ResizeVolumeRequest) -> Empty;
-        set_policy(SetPolicyRequest) -> Empty;
+        update_ephemeral_mounts "UpdateEphemeralMounts" (UpdateEphemeralMountsRequest) -> Empty;
+        remove_stale_virtiofs_share_mounts "RemoveStaleVirtiofsShareMounts" (RemoveStaleVirtiofsShareMountsRequest) -> Empty;
+        get_diagnostic_data "GetDiagnosticData" (GetDiagnosticDataRequest) -> GetDiagnosticDataResponse;
+        update_interface "UpdateInterface" (UpdateInterfaceRequest) -> types::Interface;
+        update_routes "UpdateRoutes" (UpdateRoutesRequest) -> Routes;
+        list_interfaces "ListInterfaces" (ListInterfacesRequest) -> Interfaces;
+        list_routes "ListRoutes" (ListRoutesRequest) -> Routes;
+        add_arp_neighbors "AddARPNeighbors" (AddARPNeighborsRequest) -> Empty;
+        get_ip_tables "GetIPTables" (GetIPTablesRequest) -> GetIPTablesResponse;
+        set_ip_tables "SetIPTables" (SetIPTablesRequest) -> SetIPTablesResponse;
+        get_metrics "GetMetrics" (GetMetricsRequest) -> Metrics;
+        mem_agent_memcg_set "MemAgentMemcgSet" (MemAgentMemcgConfig) -> Empty;
+        mem_agent_compact_set "MemAgentCompactSet" (MemAgentCompactConfig) -> Empty;
+        online_cpu_mem "OnlineCPUMem" (OnlineCPUMemRequest) -> Empty;
+        reseed_random_dev "ReseedRandomDev" (ReseedRandomDevRequest) -> Empty;
+        mem_hotplug_by_probe "MemHotplugByProbe" (MemHotplugByProbeRequest) -> Empty;
+        add_swap "AddSwap" (AddSwapRequest) -> Empty;
+        add_swap_path "AddSwapPath" (AddSwapPathRequest) -> Empty;
+        get_volume_stats "GetVolumeStats" (VolumeStatsRequest) -> VolumeStatsResponse;
+        resize_volume "ResizeVolume" (ResizeVolumeRequest) -> Empty;
+        set_policy "SetPolicy" (SetPolicyRequest) -> Empty;
 }}
 
 fn read_len(requested: u32) -> usize {
@@ -237,12 +261,14 @@ impl health_ttrpc::Health for HealthService {
     }
 }
 
-/// Both services, ready for a ttrpc server.
+/// Both services, and the one that answers requests for any other
+/// service ([`unknown_service`]), ready for a ttrpc server.
 pub fn services(
     sandbox: Arc<Sandbox>,
-) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 2] {
+) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 3] {
     [
         agent_ttrpc::create_agent_service(Arc::new(AgentService::new(sandbox))),
         health_ttrpc::create_health(Arc::new(HealthService)),
+        unknown_service::service(),
     ]
 }

@@ -184,8 +184,11 @@ fn fields_without_counterpart(spec: &rt::Spec) -> Vec<&'static str> {
             }
         }
         if let Some(s) = l.seccomp() {
+            // The agent answers SCMP_ACT_ERRNO without an errno with EPERM,
+            // as runc does: docker's defaultErrnoRet of EPERM loses nothing.
             note(
-                s.default_errno_ret().is_some(),
+                s.default_errno_ret()
+                    .is_some_and(|e| e != libc::EPERM as u32),
                 "linux.seccomp.defaultErrnoRet",
             );
             note(s.listener_path().is_some(), "linux.seccomp.listenerPath");

@@ -5,7 +5,9 @@
 //! method, message and field number in them matches Kata Containers'
 //! `agent.proto`, `health.proto`, `oci.proto`, `types.proto` and `csi.proto`,
 //! so a Kata runtime can drive the Kestrel agent and our host can drive a Kata
-//! agent. The code is generated at build time by `build.rs`.
+//! agent; `tests/kata_field_table.rs` holds them to a copy of Kata's numbers
+//! (`tests/data/kata-fields.txt`). The code is generated at build time by
+//! `build.rs`.
 //!
 //! The crate is also the one home of the other facts both sides of the
 //! guest boundary must agree on: the agent's vsock port, the guest directory

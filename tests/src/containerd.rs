@@ -47,10 +47,19 @@ impl Containerd {
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
              disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
              [grpc]\n  address = \"{address}\"\n[ttrpc]\n  address = \"{address}.ttrpc\"\n\
-             [debug]\n  level = \"info\"\n",
+             [debug]\n  level = \"info\"\n{timeouts}",
             root = d.join("root").display(),
             state = d.join("state").display(),
             address = address.display(),
+            timeouts = if std::env::var_os(crate::NESTED_ENV).is_some() {
+                // containerd gives the shim's delete action 5 s after every
+                // shim exit; in the nested-KVM L1 (one emulated CPU shared
+                // with six guests and 150 ctr loops) starting it alone can
+                // take longer, and containerd then kills it.
+                "[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n"
+            } else {
+                ""
+            },
         );
         std::fs::write(d.join("containerd.toml"), config).expect("containerd config");
         let kestrel = format!(

@@ -624,3 +624,137 @@ async fn unsupported_methods_answer_unimplemented() {
     assert_eq!(details.agent_details.version, env!("CARGO_PKG_VERSION"));
     assert!(!details.agent_details.init_daemon);
 }
+
+/// The `grpc.AgentService` methods the agent serves; every other method
+/// Kata declares must answer UNIMPLEMENTED.
+const SERVED: &[&str] = &[
+    "CreateContainer",
+    "StartContainer",
+    "RemoveContainer",
+    "ExecProcess",
+    "SignalProcess",
+    "WaitProcess",
+    "UpdateContainer",
+    "StatsContainer",
+    "PauseContainer",
+    "ResumeContainer",
+    "WriteStdin",
+    "ReadStdout",
+    "ReadStderr",
+    "CloseStdin",
+    "TtyWinResize",
+    "CreateSandbox",
+    "DestroySandbox",
+    "GetGuestDetails",
+    "SetGuestDateTime",
+    "CopyFile",
+    "GetOOMEvent",
+];
+
+/// Calls `service/method` with an empty body, the way a client generated
+/// from some other proto file would.
+async fn raw_call(
+    client: &kestrel_protocols::ttrpc::r#async::Client,
+    service: &str,
+    method: &str,
+) -> kestrel_protocols::ttrpc::Result<kestrel_protocols::ttrpc::Response> {
+    let mut req = kestrel_protocols::ttrpc::Request::new();
+    req.service = service.into();
+    req.method = method.into();
+    req.timeout_nano = Duration::from_secs(10).as_nanos() as i64;
+    client.request(req).await
+}
+
+fn status_message(err: &kestrel_protocols::ttrpc::Error) -> String {
+    match err {
+        kestrel_protocols::ttrpc::Error::RpcStatus(s) => s.message.clone(),
+        other => panic!("expected an RPC status, got {other:?}"),
+    }
+}
+
+async fn raw_client(agent: &Agent) -> kestrel_protocols::ttrpc::r#async::Client {
+    kestrel_protocols::ttrpc::r#async::Client::connect(&format!(
+        "unix://{}",
+        agent.socket.display()
+    ))
+    .await
+    .expect("connecting to the agent")
+}
+
+#[tokio::test]
+async fn every_method_the_agent_does_not_serve_answers_unimplemented_with_its_wire_name() {
+    require!("every_method_the_agent_does_not_serve_answers_unimplemented_with_its_wire_name");
+    let agent = Agent::start();
+    let client = raw_client(&agent).await;
+    let service = kestrel_protocols::agent::file_descriptor()
+        .services()
+        .find(|s| s.proto().name() == "AgentService")
+        .expect("agent.proto declares AgentService");
+    let mut unserved = Vec::new();
+    for method in service.methods() {
+        let name = method.proto().name().to_string();
+        if SERVED.contains(&name.as_str()) {
+            continue;
+        }
+        let err = raw_call(&client, "grpc.AgentService", &name)
+            .await
+            .expect_err(&name);
+        assert_eq!(code(&err), Code::UNIMPLEMENTED, "{name}");
+        let message = status_message(&err);
+        assert!(
+            message.contains(&format!("grpc.AgentService/{name} ")),
+            "{name}: {message:?} does not name the wire method"
+        );
+        unserved.push(name);
+    }
+    for kata_only in [
+        "GetDiagnosticData",
+        "MemAgentMemcgSet",
+        "MemAgentCompactSet",
+        "AddSwapPath",
+        "AddARPNeighbors",
+    ] {
+        assert!(
+            unserved.iter().any(|m| m == kata_only),
+            "{kata_only} was not tried"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_service_answers_unimplemented_and_the_connection_goes_on() {
+    require!("an_unknown_service_answers_unimplemented_and_the_connection_goes_on");
+    let agent = Agent::start();
+    let client = raw_client(&agent).await;
+    let err = raw_call(&client, "grpc.NoSuchService", "Probe")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+    let message = status_message(&err);
+    assert!(message.contains("grpc.NoSuchService/Probe"), "{message:?}");
+    let err = raw_call(&client, "grpc.AgentService", "NoSuchMethod")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+    // The same connection still carries real calls.
+    let health = kestrel_protocols::health_ttrpc::HealthClient::new(client);
+    let resp = health.check(prompt(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(resp.status.enum_value(), Ok(ServingStatus::SERVING));
+}
+
+#[tokio::test]
+async fn passfd_stdio_ports_are_refused_as_unimplemented() {
+    require!("passfd_stdio_ports_are_refused_as_unimplemented");
+    let (_agent, client, rootfs) = setup().await;
+    let mut req = create_request("passfd", spec(&rootfs, &["true"]));
+    req.stdout_port = 1025;
+    let err = client.create_container(prompt(), &req).await.unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+    create(&client, "passfd", spec(&rootfs, &["sleep", "1000"])).await;
+    let mut exec = ExecProcessRequest::new();
+    exec.container_id = "passfd".into();
+    exec.exec_id = "e".into();
+    exec.stdin_port = 1026;
+    let err = client.exec_process(prompt(), &exec).await.unwrap_err();
+    assert_eq!(code(&err), Code::UNIMPLEMENTED);
+}

@@ -1066,3 +1066,191 @@ fn exec_into_and_kill_of_a_stopped_container_name_the_code_once() {
     assert!(cli.output(&["rm", "stopped"]).status.success());
     cli.assert_no_processes_left();
 }
+
+/// A hybrid vsock socket probed by 1100 connections that never send
+/// `CONNECT` (more than the 1024 connections the backend serves) must not
+/// lock the runtime out: `kestrel agent check` and `kestrel exec` still
+/// work while all of them are held open, and the backend's log summarises
+/// what it turned away instead of a line per connection.
+#[test]
+fn idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_vm() {
+    let test = "idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_vm";
+    let Some(image) = qemu_ready(test) else {
+        return;
+    };
+    let cli = Cli::new(&format!(
+        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        image.vmlinux.display(),
+        image.initrd.display()
+    ));
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    let out = cli.output(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "-d",
+        "--rootfs",
+        &rootfs,
+        "idle",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    // A failed assertion must not leave the VM running.
+    struct RemoveOnDrop<'a>(&'a Cli);
+    impl Drop for RemoveOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.output(&["rm", "-f", "idle"]);
+        }
+    }
+    let guard = RemoveOnDrop(&cli);
+    let sandbox = std::fs::read_dir(cli.dir.path().join("sandboxes"))
+        .expect("sandboxes dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("vsock.sock").exists())
+        .expect("a sandbox with a hybrid vsock socket");
+    let socket = sandbox.join("vsock.sock");
+
+    // 1100 client sockets and the CLI's own: more than a default soft limit.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+        .expect("raising RLIMIT_NOFILE");
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..1100)
+        .map(|i| {
+            std::os::unix::net::UnixStream::connect(&socket)
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+
+    let started = Instant::now();
+    let address = format!("hvsock://{}:1024", socket.display());
+    let out = cli.output(&["agent", "check", "--timeout", "10", "--address", &address]);
+    assert!(
+        out.status.success(),
+        "agent check with 1100 idle connections open: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("SERVING"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = cli.output(&["exec", "idle", "--", "sh", "-c", "echo through; exit 4"]);
+    assert_eq!(text(&out.stdout), "through\n", "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(4));
+    eprintln!("{test}: check and exec took {:?}", started.elapsed());
+    drop(idle);
+
+    let log = std::fs::read_to_string(sandbox.join("vsock-backend.log")).unwrap_or_default();
+    let summaries = log.lines().filter(|l| l.contains("turned away")).count();
+    assert!(
+        (1..=3).contains(&summaries),
+        "expected a summary or two of the refused connections, got {summaries}:\n{log}"
+    );
+
+    std::mem::forget(guard);
+    assert!(cli.output(&["rm", "-f", "idle"]).status.success());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn lockdown_flags_are_enforced_in_process_sandboxes() {
+    let test = "lockdown_flags_are_enforced_in_process_sandboxes";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    lockdown_flags_are_enforced(&cli, "process");
+    cli.assert_no_processes_left();
+}
+
+/// The same in a QEMU VM: the guest kernel's seccomp filters, and without
+/// user namespaces in the guest an unfiltered `unshare -U` would fail with
+/// EINVAL, not EPERM.
+#[test]
+fn lockdown_flags_are_enforced_in_a_qemu_vm() {
+    let test = "lockdown_flags_are_enforced_in_a_qemu_vm";
+    let Some(image) = qemu_ready(test) else {
+        return;
+    };
+    let cli = Cli::new(&format!(
+        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        image.vmlinux.display(),
+        image.initrd.display()
+    ));
+    lockdown_flags_are_enforced(&cli, "qemu");
+}
+
+/// `--cap-drop ALL`, the default capabilities, the default seccomp profile,
+/// `--security-opt seccomp=PATH` and `--read-only`, one `run --rm` each.
+fn lockdown_flags_are_enforced(cli: &Cli, hypervisor: &str) {
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    let run = |flags: &[&str], id: &str, script: &str| -> Output {
+        let mut args = vec![
+            "run",
+            "--hypervisor",
+            hypervisor,
+            "--rm",
+            "--rootfs",
+            &rootfs,
+        ];
+        args.extend_from_slice(flags);
+        args.extend([id, "--", "sh", "-c", script]);
+        cli.output(&args)
+    };
+    let eperm = |out: &Output| {
+        assert!(
+            text(&out.stderr).contains("Operation not permitted"),
+            "stdout: {}\nstderr: {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    };
+
+    let chown = "echo > /tmp/owned && busybox chown 1:1 /tmp/owned";
+    let out = run(&["--cap-drop", "ALL"], "lock1", chown);
+    eperm(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&[], "lock2", chown);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let out = run(
+        &[],
+        "lock3",
+        "echo hello; busybox unshare -U true; echo unshare=$?",
+    );
+    assert_eq!(text(&out.stdout), "hello\nunshare=1\n");
+    eperm(&out);
+
+    let profile = cli.dir.path().join("no-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let out = run(
+        &["--security-opt", &opt],
+        "lock4",
+        "busybox mkdir /tmp/d; echo mkdir=$?; echo still here",
+    );
+    assert_eq!(text(&out.stdout), "mkdir=1\nstill here\n");
+    eperm(&out);
+
+    let out = run(
+        &["--read-only"],
+        "lock5",
+        "echo x > /written; echo write=$?",
+    );
+    assert_eq!(text(&out.stdout), "write=1\n");
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+}

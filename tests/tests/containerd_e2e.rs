@@ -208,3 +208,55 @@ fn a_sandbox_id_annotation_that_is_a_path_is_refused_and_removes_nothing() {
         let _ = c.ctr(&["container", "delete", id]);
     }
 }
+
+/// `ctr run --seccomp` (containerd's default profile), `--cap-drop` and
+/// `--read-only` reach the agent through the shim and are enforced there.
+#[test]
+fn ctr_seccomp_cap_drop_and_read_only_are_enforced() {
+    if !ready("ctr_seccomp_cap_drop_and_read_only_are_enforced") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    let run = |flags: &[&str], id: &str, script: &str| {
+        let mut argv = run_argv(false, rootfs, id, &["sh", "-c", script]);
+        // ctr's flags go before the rootfs argument run_argv ends with.
+        let at = argv.iter().position(|a| *a == "--rootfs").unwrap();
+        argv.splice(at..at, flags.iter().copied());
+        let out = c.ctr(&argv);
+        assert!(c.ctr(&["container", "delete", id]).status.success());
+        out
+    };
+
+    let out = run(
+        &["--seccomp"],
+        "seccomp",
+        "echo hello; busybox unshare -U true; echo unshare=$?",
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "hello\nunshare=1\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let chown = "echo > /tmp/owned && busybox chown 1:1 /tmp/owned; echo chown=$?";
+    let out = run(&["--cap-drop", "CAP_CHOWN"], "nochown", chown);
+    assert_eq!(text(&out.stdout), "chown=1\n", "{}", text(&out.stderr));
+    let out = run(&[], "chown", chown);
+    assert_eq!(text(&out.stdout), "chown=0\n", "{}", text(&out.stderr));
+
+    let out = run(
+        &["--read-only"],
+        "readonly",
+        "echo x > /written; echo write=$?",
+    );
+    assert_eq!(text(&out.stdout), "write=1\n", "{}", text(&out.stderr));
+    c.assert_nothing_left();
+}

@@ -2,10 +2,13 @@
 //! processes exec'd into it. Creation is all-or-nothing: a failure leaves no
 //! cgroup, mount or process behind.
 
+pub mod capabilities;
 pub mod cgroup;
 pub mod console;
+pub mod lsm;
 pub mod process;
 pub mod rootfs;
+pub mod seccomp;
 pub mod setup;
 pub mod spec;
 
@@ -39,6 +42,8 @@ pub struct Container {
     phase: Mutex<Phase>,
     control: tokio::sync::Mutex<Option<Control>>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// The compiled `linux.seccomp`, for every process of the container.
+    seccomp: Option<seccomp::Filter>,
     /// Serialises exec creation so duplicate ids are caught reliably.
     exec_lock: tokio::sync::Mutex<()>,
 }
@@ -55,7 +60,15 @@ impl Container {
         bundle_dir: &Path,
     ) -> Result<Container> {
         let flags = spec::clone_flags(spec)?;
-        let process = spec::process_config(spec.Process.as_ref(), "OCI spec")?;
+        let mut process = spec::process_config(spec.Process.as_ref(), "OCI spec")?;
+        let seccomp = spec
+            .Linux
+            .as_ref()
+            .and_then(|l| l.Seccomp.as_ref())
+            .map(seccomp::compile)
+            .transpose()?;
+        process.seccomp = seccomp.clone();
+        lsm::warn_unenforced(id, spec);
         let mut rootfs = spec::rootfs_config(spec, bundle_dir)?;
         let cgroup_path = match spec.Linux.CgroupsPath.as_str() {
             // systemd-style "slice:prefix:name" paths need systemd; use ours.
@@ -95,6 +108,7 @@ impl Container {
             phase: Mutex::new(Phase::Created),
             control: tokio::sync::Mutex::new(control),
             execs: Mutex::new(HashMap::new()),
+            seccomp,
             exec_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -151,7 +165,8 @@ impl Container {
         p: Option<&oci::Process>,
     ) -> Result<()> {
         validate_id("exec id", exec_id)?;
-        let process = spec::process_config(p, "exec process")?;
+        let mut process = spec::process_config(p, "exec process")?;
+        process.seccomp = self.seccomp.clone();
         let _serial = self.exec_lock.lock().await;
         if exec_id == self.init.exec_id || self.process(exec_id).is_ok() {
             return Err(Error::AlreadyExists(format!(

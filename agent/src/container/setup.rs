@@ -219,6 +219,17 @@ fn prepare_process(p: &ProcessConfig) -> Result<PathBuf, String> {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| format!("setting oom_score_adj: {e}"))?;
     }
+    if !p.no_new_privileges {
+        // Without no_new_privs, loading a filter takes CAP_SYS_ADMIN, which
+        // the identity change or the spec's capabilities may take away: load
+        // it now, as runc does; the profile must then allow what follows.
+        if let Some(filter) = &p.seccomp {
+            filter.load()?;
+        }
+    }
+    if let Some(caps) = &p.capabilities {
+        caps.before_identity()?;
+    }
     let groups: Vec<Gid> = p
         .additional_gids
         .iter()
@@ -228,6 +239,9 @@ fn prepare_process(p: &ProcessConfig) -> Result<PathBuf, String> {
     setgid(Gid::from_raw(p.gid)).map_err(|e| format!("setgid {}: {e}", p.gid))?;
     setuid(Uid::from_raw(p.uid)).map_err(|e| format!("setuid {}: {e}", p.uid))?;
     chdir(Path::new(&p.cwd)).map_err(|e| format!("cwd {}: {e}", p.cwd))?;
+    if let Some(caps) = &p.capabilities {
+        caps.apply()?;
+    }
     if p.no_new_privileges {
         // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -293,6 +307,13 @@ fn exec(program: &Path, p: &ProcessConfig) -> Result<Infallible, String> {
             "parent-death signal: {}",
             std::io::Error::last_os_error()
         ));
+    }
+    if p.no_new_privileges {
+        // With no_new_privs the filter needs no privilege: load it last, so
+        // that it filters the container's program and nothing of ours.
+        if let Some(filter) = &p.seccomp {
+            filter.load()?;
+        }
     }
     let err = match execve(&path, &args, &env) {
         Err(e) => e,

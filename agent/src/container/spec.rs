@@ -11,6 +11,8 @@ use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use super::capabilities::Capabilities;
+use super::seccomp::Filter;
 use crate::error::{Error, Result};
 
 /// PATH used to find the executable when the spec's env has none.
@@ -46,6 +48,10 @@ pub struct ProcessConfig {
     pub console_size: Option<(u16, u16)>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i64>,
+    /// None: the process keeps what its user gets from the kernel.
+    pub capabilities: Option<Capabilities>,
+    /// The container's `linux.seccomp`, compiled; exec'd processes get it too.
+    pub seccomp: Option<Filter>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -183,6 +189,8 @@ pub fn process_config(process: Option<&oci::Process>, what: &str) -> Result<Proc
         console_size: console_size(p, what)?,
         no_new_privileges: p.NoNewPrivileges,
         oom_score_adj: (p.OOMScoreAdj != 0).then_some(p.OOMScoreAdj),
+        capabilities: Capabilities::from_spec(p)?,
+        seccomp: None,
     })
 }
 

@@ -11,6 +11,8 @@ pub mod kill;
 pub mod ps;
 pub mod rm;
 pub mod run;
+pub mod seccomp_profile;
+pub mod security;
 pub mod shim;
 pub mod stdio;
 pub mod terminal;

@@ -35,6 +35,8 @@ pub struct RunArgs {
     /// Give the container a terminal.
     #[arg(short, long)]
     pub tty: bool,
+    #[command(flatten)]
+    pub security: super::security::SecurityArgs,
     /// The container's root filesystem: a directory.
     #[arg(long)]
     pub rootfs: PathBuf,
@@ -82,7 +84,8 @@ async fn start_and_wait(
     // reaches the container too.
     let mut window = args.tty.then(WindowSize::watch).flatten();
     let size = window.as_ref().and_then(WindowSize::current);
-    let spec = bundle::spec(&container.id, rootfs, &args.command, args.tty, size);
+    let mut spec = bundle::spec(&container.id, rootfs, &args.command, args.tty, size);
+    args.security.apply(&mut spec)?;
     bundle::write(&container.dir, &spec).context("writing the bundle")?;
 
     let spinner = Spinner::start("starting the shim");

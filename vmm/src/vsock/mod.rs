@@ -25,7 +25,7 @@ pub mod muxer;
 pub mod queue;
 pub mod unix;
 
-pub use muxer::{Muxer, MuxerConfig};
+pub use muxer::{Muxer, MuxerConfig, Refusals};
 
 /// The host's context id (`VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;
@@ -36,6 +36,13 @@ pub const DEFAULT_GUEST_CID: u64 = 3;
 pub const CONN_BUF_SIZE: u32 = 64 * 1024;
 /// Connections (established or in a handshake) one device serves at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Host connections that may be in their `CONNECT` handshake at once. Well
+/// below [`DEFAULT_MAX_CONNECTIONS`], so connections that never send their
+/// line cannot take the slots established ones need.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
+/// How long a host connection may take to send its `CONNECT` line
+/// (Firecracker allows the same).
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The largest payload a single packet may carry in either direction.
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
 

@@ -9,6 +9,17 @@
 //! Towards the guest, the muxer keeps a queue of connections that have a
 //! packet to send and hands them out one at a time in [`Muxer::recv_pkt`],
 //! so a busy stream cannot starve the others.
+//!
+//! Anyone who can open the hybrid socket can try to use up its connection
+//! slots, so host connections are held to account before they get one: a
+//! connection that has not sent its `CONNECT` line within
+//! [`MuxerConfig::handshake_timeout`] is closed, and at most
+//! [`MuxerConfig::max_handshakes`] (well below the connection limit) may be
+//! in their handshake at once; past that the oldest is closed to make room,
+//! so a runtime that sends its line at once always gets through, however
+//! many idle connections are open. What is turned away is counted
+//! ([`Refusals`]) and summarised in the log once per [`REPORT_INTERVAL`],
+//! never logged one line per connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,13 +32,18 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::Connection;
 use super::unix::{self, Handshake, HandshakeStep, SocketFile};
-use super::{op, Error, Header, CONN_BUF_SIZE, DEFAULT_MAX_CONNECTIONS, HOST_CID};
+use super::{
+    op, Error, Header, CONN_BUF_SIZE, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES,
+    HANDSHAKE_TIMEOUT, HOST_CID,
+};
 
 /// Host ports we give host-initiated connections start here, out of the
 /// way of well-known ports a guest might connect to.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How often deadlines are checked while any is pending.
 const TIMER_PERIOD: Duration = Duration::from_millis(500);
+/// At most one log line about refused connections per this long.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct MuxerConfig {
@@ -35,6 +51,11 @@ pub struct MuxerConfig {
     /// The hybrid socket; guest connections to port P go to `<uds_path>_P`.
     pub uds_path: PathBuf,
     pub max_connections: usize,
+    /// Host connections in their `CONNECT` handshake at once; never more
+    /// than `max_connections - 1`, whatever is asked.
+    pub max_handshakes: usize,
+    /// How long a host connection may take to send its `CONNECT` line.
+    pub handshake_timeout: Duration,
 }
 
 impl MuxerConfig {
@@ -43,8 +64,42 @@ impl MuxerConfig {
             guest_cid,
             uds_path: uds_path.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
+
+    /// The handshake bound in force: below the connection limit, so
+    /// handshakes alone never fill it.
+    fn handshake_limit(&self) -> usize {
+        self.max_handshakes
+            .min(self.max_connections.saturating_sub(1))
+            .max(1)
+    }
+}
+
+/// Connections the muxer turned away since it started, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refusals {
+    /// Host or guest connections refused at the connection limit.
+    pub at_limit: u64,
+    /// Host connections closed for not sending `CONNECT` in time.
+    pub handshake_timeouts: u64,
+    /// Host connections closed in their handshake to make room for a newer
+    /// one.
+    pub handshakes_evicted: u64,
+    /// Host connections the listener could not accept (out of file
+    /// descriptors, say); accepting resumes on the next timer tick.
+    pub accept_failures: u64,
+}
+
+/// A host connection waiting for its `CONNECT` line.
+#[derive(Debug)]
+struct PendingHandshake {
+    handshake: Handshake,
+    deadline: Instant,
+    /// Arrival order: one accept batch shares its deadline.
+    arrival: u64,
 }
 
 /// A connection's identity: (host port, guest port).
@@ -59,7 +114,11 @@ pub struct Muxer {
     listener: UnixListener,
     timer: TimerFd,
     timer_armed: bool,
-    handshakes: HashMap<RawFd, Handshake>,
+    /// The listener is out of the event set after an accept failure that
+    /// would otherwise wake us without end; the next tick puts it back.
+    listener_paused: bool,
+    handshakes: HashMap<RawFd, PendingHandshake>,
+    handshakes_accepted: u64,
     conns: HashMap<ConnKey, Connection>,
     by_fd: HashMap<RawFd, ConnKey>,
     /// Each connection stream's current epoll interest; absent = not in
@@ -72,6 +131,10 @@ pub struct Muxer {
     next_local_port: u32,
     /// `process`'s event buffer, kept between wakeups.
     events: Vec<EpollEvent>,
+    refusals: Refusals,
+    /// What the last log line covered, and when it went out.
+    reported: Refusals,
+    last_report: Option<Instant>,
 }
 
 impl Muxer {
@@ -98,7 +161,9 @@ impl Muxer {
             listener,
             timer,
             timer_armed: false,
+            listener_paused: false,
             handshakes: HashMap::new(),
+            handshakes_accepted: 0,
             conns: HashMap::new(),
             by_fd: HashMap::new(),
             registered: HashMap::new(),
@@ -107,6 +172,9 @@ impl Muxer {
             stray_replies: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             events: vec![EpollEvent::default(); 64],
+            refusals: Refusals::default(),
+            reported: Refusals::default(),
+            last_report: None,
         })
     }
 
@@ -133,6 +201,16 @@ impl Muxer {
         self.conns.len() + self.handshakes.len()
     }
 
+    /// Host connections still in their `CONNECT` handshake.
+    pub fn handshake_count(&self) -> usize {
+        self.handshakes.len()
+    }
+
+    /// Connections turned away so far.
+    pub fn refusals(&self) -> Refusals {
+        self.refusals
+    }
+
     /// Handles every host-side event that is ready, without blocking.
     pub fn process(&mut self) {
         let mut events = std::mem::take(&mut self.events);
@@ -157,20 +235,10 @@ impl Muxer {
 
     fn dispatch(&mut self, fd: RawFd, set: EventSet) {
         if fd == self.listener.as_raw_fd() {
-            self.accept_host_connections();
+            self.accept_host_connections(Instant::now());
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
-            let now = Instant::now();
-            let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
-            for key in keys {
-                if let Some(conn) = self.conns.get_mut(&key) {
-                    conn.on_timeout(now);
-                }
-                self.refresh(key);
-            }
-            if !self.conns.values().any(|c| c.deadline().is_some()) {
-                self.set_timer(false);
-            }
+            self.on_tick(Instant::now());
         } else if self.handshakes.contains_key(&fd) {
             self.advance_handshake(fd);
         } else if let Some(&key) = self.by_fd.get(&fd) {
@@ -182,21 +250,65 @@ impl Muxer {
         }
     }
 
-    fn accept_host_connections(&mut self) {
+    /// What the deadline timer does: expires connections waiting on the
+    /// guest and handshakes past their deadline, resumes a paused
+    /// listener, reports refusals. `now` comes from the caller so tests
+    /// can move the clock.
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.on_timeout(now);
+            }
+            self.refresh(key);
+        }
+        let expired: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in expired {
+            self.drop_handshake(fd);
+            self.refusals.handshake_timeouts += 1;
+        }
+        if self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            match self.epoll_set(fd, EventSet::IN, None) {
+                Ok(()) => self.listener_paused = false,
+                Err(e) => tracing::warn!(error = %e, "watching the vsock listener again"),
+            }
+        }
+        self.report_refusals(now);
+        self.update_timer();
+    }
+
+    fn accept_host_connections(&mut self, now: Instant) {
         loop {
             let stream = match unix::accept(&self.listener) {
                 Ok(Some(stream)) => stream,
-                Ok(None) => return,
+                Ok(None) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a vsock host connection");
-                    return;
+                    // The connection stays queued and the listener readable:
+                    // stop watching it until the next tick rather than spin.
+                    self.refusals.accept_failures += 1;
+                    tracing::debug!(error = %e, "accepting a vsock host connection");
+                    let fd = self.listener.as_raw_fd();
+                    if self
+                        .epoll_set(fd, EventSet::empty(), Some(EventSet::IN))
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                    }
+                    break;
                 }
             };
+            if self.handshakes.len() >= self.config.handshake_limit() {
+                self.evict_oldest_handshake();
+            }
             if self.connection_count() >= self.config.max_connections {
-                tracing::warn!(
-                    limit = self.config.max_connections,
-                    "vsock connection limit reached; closing a new host connection"
-                );
+                self.refusals.at_limit += 1;
                 continue;
             }
             let handshake = match Handshake::new(stream) {
@@ -208,16 +320,74 @@ impl Muxer {
             };
             let fd = handshake.stream.as_raw_fd();
             if self.epoll_set(fd, EventSet::IN, None).is_ok() {
-                self.handshakes.insert(fd, handshake);
+                let pending = PendingHandshake {
+                    handshake,
+                    deadline: now + self.config.handshake_timeout,
+                    arrival: self.handshakes_accepted,
+                };
+                self.handshakes_accepted += 1;
+                self.handshakes.insert(fd, pending);
             }
+        }
+        self.report_refusals(now);
+        self.update_timer();
+    }
+
+    /// Closes the handshake that has waited longest: one that sends its
+    /// line at once never is, however many newer connections stay silent.
+    fn evict_oldest_handshake(&mut self) {
+        let oldest = self
+            .handshakes
+            .iter()
+            .min_by_key(|(_, p)| p.arrival)
+            .map(|(&fd, _)| fd);
+        if let Some(fd) = oldest {
+            self.drop_handshake(fd);
+            self.refusals.handshakes_evicted += 1;
+        }
+    }
+
+    /// One summary line for what was turned away since the last one, at
+    /// most once per [`REPORT_INTERVAL`]; the timer stays armed until it
+    /// has gone out.
+    fn report_refusals(&mut self, now: Instant) {
+        if self.refusals == self.reported
+            || self
+                .last_report
+                .is_some_and(|t| now.saturating_duration_since(t) < REPORT_INTERVAL)
+        {
+            return;
+        }
+        let (total, last) = (self.refusals, self.reported);
+        tracing::warn!(
+            at_limit = total.at_limit - last.at_limit,
+            handshake_timeouts = total.handshake_timeouts - last.handshake_timeouts,
+            handshakes_evicted = total.handshakes_evicted - last.handshakes_evicted,
+            accept_failures = total.accept_failures - last.accept_failures,
+            limit = self.config.max_connections,
+            open = self.connection_count(),
+            "vsock host connections turned away since the last report"
+        );
+        self.reported = total;
+        self.last_report = Some(now);
+    }
+
+    /// Runs the timer while anything waits on a deadline or a report.
+    fn update_timer(&mut self) {
+        let wanted = !self.handshakes.is_empty()
+            || self.listener_paused
+            || self.refusals != self.reported
+            || self.conns.values().any(|c| c.deadline().is_some());
+        if wanted != self.timer_armed {
+            self.set_timer(wanted);
         }
     }
 
     fn advance_handshake(&mut self, fd: RawFd) {
-        let Some(handshake) = self.handshakes.get_mut(&fd) else {
+        let Some(pending) = self.handshakes.get_mut(&fd) else {
             return;
         };
-        let port = match handshake.advance() {
+        let port = match pending.handshake.advance() {
             HandshakeStep::Pending => return,
             HandshakeStep::Connect(port) => port,
             HandshakeStep::Failed(why) => {
@@ -226,18 +396,18 @@ impl Muxer {
                 return;
             }
         };
-        let Some(handshake) = self.drop_handshake(fd) else {
+        let Some(pending) = self.drop_handshake(fd) else {
             return;
         };
         let local_port = self.allocate_local_port();
         let key = (local_port, port);
-        let conn = Connection::host_initiated(handshake.stream, local_port, port);
+        let conn = Connection::host_initiated(pending.handshake.stream, local_port, port);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
         self.refresh(key);
     }
 
-    fn drop_handshake(&mut self, fd: RawFd) -> Option<Handshake> {
+    fn drop_handshake(&mut self, fd: RawFd) -> Option<PendingHandshake> {
         let handshake = self.handshakes.remove(&fd)?;
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
@@ -301,11 +471,9 @@ impl Muxer {
 
     fn guest_connect(&mut self, hdr: &Header) {
         if self.connection_count() >= self.config.max_connections {
-            tracing::warn!(
-                port = hdr.dst_port,
-                limit = self.config.max_connections,
-                "vsock connection limit reached; refusing a guest connection"
-            );
+            self.refusals.at_limit += 1;
+            self.report_refusals(Instant::now());
+            self.update_timer();
             return self.reply_rst(hdr);
         }
         let target = unix::guest_target(&self.config.uds_path, hdr.dst_port);

@@ -13,6 +13,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::muxer::REPORT_INTERVAL;
 use super::queue::{process_rx, process_tx, Scratch, QUEUE_SIZE};
 use super::*;
 
@@ -54,6 +55,10 @@ impl Guest {
     }
 
     fn with_limit(max_connections: usize) -> Guest {
+        Guest::with_config(|c| c.max_connections = max_connections)
+    }
+
+    fn with_config(adjust: impl FnOnce(&mut MuxerConfig)) -> Guest {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap(),
         ));
@@ -64,7 +69,7 @@ impl Guest {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let mut config = MuxerConfig::new(GUEST_CID, &uds);
-        config.max_connections = max_connections;
+        adjust(&mut config);
         let muxer = Muxer::new(config).unwrap();
         Guest {
             mem,
@@ -571,7 +576,7 @@ fn a_hundred_concurrent_connections_each_keep_their_own_bytes() {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused() {
+fn connections_beyond_the_limit_are_refused_and_counted() {
     let mut guest = Guest::with_limit(2);
     let (_a, _) = guest.host_connect(1);
     let (_b, _) = guest.host_connect(2);
@@ -582,6 +587,180 @@ fn connections_beyond_the_limit_are_refused() {
     guest.send_op(4000, 7000, op::REQUEST);
     let (rst, _) = guest.poll_until("RST", |h| h.dst_port == 4000);
     assert_eq!(rst.op, op::RST);
+    assert_eq!(guest.muxer.refusals().at_limit, 2);
+}
+
+/// Whether the peer closed `stream`, looking for at most `wait`.
+fn closed_within(stream: &mut UnixStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        other => panic!("unexpected read on a connection in its handshake: {other:?}"),
+    }
+}
+
+/// Opens `n` host connections that never send a byte, letting the muxer
+/// accept them as they come (a full listen backlog would block `connect`).
+fn open_idle(guest: &mut Guest, n: usize) -> Vec<UnixStream> {
+    let mut idle = Vec::with_capacity(n);
+    for i in 0..n {
+        idle.push(UnixStream::connect(&guest.uds).unwrap());
+        if i % 32 == 31 {
+            guest.poll();
+        }
+    }
+    guest.settle();
+    idle
+}
+
+#[test]
+fn a_host_connection_silent_past_the_handshake_deadline_is_closed() {
+    let mut guest = Guest::new();
+    let mut silent = UnixStream::connect(&guest.uds).unwrap();
+    let mut partial = UnixStream::connect(&guest.uds).unwrap();
+    partial.write_all(b"CONNE").unwrap();
+    guest.settle();
+    assert_eq!(guest.muxer.handshake_count(), 2);
+
+    let start = Instant::now();
+    guest.muxer.on_tick(start + HANDSHAKE_TIMEOUT / 2);
+    assert_eq!(
+        guest.muxer.handshake_count(),
+        2,
+        "still within the deadline"
+    );
+    assert!(!closed_within(&mut silent, Duration::from_millis(20)));
+
+    guest
+        .muxer
+        .on_tick(start + HANDSHAKE_TIMEOUT + Duration::from_millis(1));
+    assert_eq!(guest.muxer.handshake_count(), 0);
+    assert_closed(&mut silent);
+    assert_closed(&mut partial);
+    assert_eq!(guest.muxer.refusals().handshake_timeouts, 2);
+    let (_ok, _) = guest.host_connect(1024);
+}
+
+#[test]
+fn the_deadline_timer_closes_a_silent_connection_by_itself() {
+    let mut guest = Guest::with_config(|c| c.handshake_timeout = Duration::from_millis(100));
+    let mut silent = UnixStream::connect(&guest.uds).unwrap();
+    let start = Instant::now();
+    while !closed_within(&mut silent, Duration::from_millis(10)) {
+        guest.poll();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the silent connection was never closed"
+        );
+    }
+    assert_eq!(guest.muxer.refusals().handshake_timeouts, 1);
+}
+
+#[test]
+fn past_the_handshake_bound_the_oldest_silent_connection_makes_room() {
+    let mut guest = Guest::with_config(|c| {
+        c.max_connections = 8;
+        c.max_handshakes = 4;
+    });
+    let mut idle = open_idle(&mut guest, 10);
+    assert_eq!(guest.muxer.handshake_count(), 4);
+    assert_eq!(guest.muxer.refusals().handshakes_evicted, 6);
+    for (i, stream) in idle.iter_mut().enumerate() {
+        let wait = Duration::from_millis(if i < 6 { 2000 } else { 20 });
+        assert_eq!(closed_within(stream, wait), i < 6, "idle connection {i}");
+    }
+    // A runtime that sends its line at once gets through, and keeps its
+    // connection when more silent ones arrive.
+    let (mut runtime, port) = guest.host_connect(1024);
+    let _more = open_idle(&mut guest, 10);
+    assert!(guest.muxer.connection_count() <= 5);
+    guest.send_data(1024, port, b"still here");
+    assert_eq!(read_exactly(&mut runtime, 10), b"still here");
+}
+
+#[test]
+fn hundreds_of_idle_connections_never_lock_out_a_runtime() {
+    let mut guest = Guest::new();
+    let _idle = open_idle(&mut guest, 300);
+    assert_eq!(guest.muxer.handshake_count(), DEFAULT_MAX_HANDSHAKES);
+    assert_eq!(
+        guest.muxer.refusals().handshakes_evicted,
+        (300 - DEFAULT_MAX_HANDSHAKES) as u64
+    );
+    let (mut runtime, port) = guest.host_connect(1024);
+    runtime.write_all(b"ping").unwrap();
+    let (pkt, data) = guest.poll_until("RW", |h| h.op == op::RW);
+    assert_eq!((pkt.src_port, data.as_slice()), (port, b"ping".as_slice()));
+}
+
+/// A `tracing` writer into a shared buffer, to count log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[test]
+fn a_flood_of_refusals_is_one_summary_line_per_interval() {
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let mut guest = Guest::with_limit(2);
+        let (_a, _) = guest.host_connect(1);
+        let (_b, _) = guest.host_connect(2);
+        let _first = open_idle(&mut guest, 1);
+        let summary = "turned away";
+        assert_eq!(
+            log.lines_with(summary).len(),
+            1,
+            "the first refusal is reported at once"
+        );
+        let _flood = open_idle(&mut guest, 50);
+        assert_eq!(guest.muxer.refusals().at_limit, 51);
+        assert_eq!(
+            log.lines_with(summary).len(),
+            1,
+            "the rest wait for the interval"
+        );
+        guest
+            .muxer
+            .on_tick(Instant::now() + REPORT_INTERVAL + Duration::from_secs(1));
+        let lines = log.lines_with(summary);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].contains("at_limit=50"), "{}", lines[1]);
+    });
 }
 
 #[test]
