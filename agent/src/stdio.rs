@@ -6,11 +6,11 @@
 //! the full pipe instead of the agent growing or dropping data.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::OFlag;
-use nix::pty::{openpty, Winsize};
+use nix::pty::Winsize;
 use nix::unistd::pipe2;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -110,6 +110,26 @@ pub struct ChildStdio {
     pub stderr: OwnedFd,
 }
 
+impl ChildStdio {
+    /// /dev/null on all three: for a terminal process until it has opened
+    /// its pty in the container.
+    pub fn null() -> Result<ChildStdio> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(|e| Error::internal("opening /dev/null", e))
+        };
+        Ok(ChildStdio {
+            stdin: open()?,
+            stdout: open()?,
+            stderr: open()?,
+        })
+    }
+}
+
 /// The agent's ends of a process's standard streams.
 pub struct ProcessIo {
     stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
@@ -119,45 +139,28 @@ pub struct ProcessIo {
 }
 
 impl ProcessIo {
-    /// Pipes for stdin, stdout and stderr, or a pty (stdout carries both
-    /// output streams, as on any terminal).
-    pub fn new(terminal: bool, size: Option<(u16, u16)>) -> Result<(ProcessIo, ChildStdio)> {
+    /// The agent's side of a terminal process: the master of the pty the
+    /// process got in its container (see `container/console.rs`). Stdout
+    /// carries both output streams, as on any terminal.
+    pub fn terminal(master: OwnedFd) -> Result<ProcessIo> {
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::internal("dup pty", e));
+        let reader = pipe::Receiver::from_owned_fd_unchecked(dup(&master)?)
+            .map_err(|e| Error::internal("pty reader", e))?;
+        let writer = pipe::Sender::from_owned_fd_unchecked(dup(&master)?)
+            .map_err(|e| Error::internal("pty writer", e))?;
+        let stdout = Arc::new(OutputBuffer::default());
+        stdout.pump(reader);
+        Ok(ProcessIo {
+            stdin: tokio::sync::Mutex::new(Some(writer)),
+            stdout,
+            stderr: None,
+            pty: Some(master),
+        })
+    }
+
+    /// Pipes for stdin, stdout and stderr.
+    pub fn pipes() -> Result<(ProcessIo, ChildStdio)> {
         let sys = |what: &str, e: nix::Error| Error::internal(what, e);
-        if terminal {
-            let ws = size.map(|(rows, cols)| Winsize {
-                ws_row: rows,
-                ws_col: cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            });
-            let pty = openpty(ws.as_ref(), None).map_err(|e| sys("openpty", e))?;
-            for fd in [&pty.master, &pty.slave] {
-                nix::fcntl::fcntl(
-                    fd.as_raw_fd(),
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                )
-                .map_err(|e| sys("pty", e))?;
-            }
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::internal("dup pty", e));
-            let reader = pipe::Receiver::from_owned_fd_unchecked(dup(&pty.master)?)
-                .map_err(|e| Error::internal("pty reader", e))?;
-            let writer = pipe::Sender::from_owned_fd_unchecked(dup(&pty.master)?)
-                .map_err(|e| Error::internal("pty writer", e))?;
-            let stdout = Arc::new(OutputBuffer::default());
-            stdout.pump(reader);
-            let child = ChildStdio {
-                stdin: dup(&pty.slave)?,
-                stdout: dup(&pty.slave)?,
-                stderr: pty.slave,
-            };
-            let io = ProcessIo {
-                stdin: tokio::sync::Mutex::new(Some(writer)),
-                stdout,
-                stderr: None,
-                pty: Some(pty.master),
-            };
-            return Ok((io, child));
-        }
         let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| sys("pipe", e));
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
@@ -240,22 +243,26 @@ impl ProcessIo {
             .pty
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("the process has no terminal".into()))?;
-        let ws = Winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one Winsize from the pointer we pass.
-        let rc = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        if rc != 0 {
-            return Err(Error::internal(
-                "resizing the terminal",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        set_window_size(pty.as_fd(), rows, cols)
+            .map_err(|e| Error::internal("resizing the terminal", e))
     }
+}
+
+/// Sets a pty's window size; on a change the kernel sends SIGWINCH to the
+/// terminal's foreground process group.
+pub fn set_window_size(pty: BorrowedFd<'_>, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one Winsize from the pointer we pass.
+    let rc = unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,7 +271,7 @@ mod tests {
 
     #[tokio::test]
     async fn buffered_output_survives_a_late_reader_and_then_reports_eof() {
-        let (io, child) = ProcessIo::new(false, None).unwrap();
+        let (io, child) = ProcessIo::pipes().unwrap();
         nix::unistd::write(&child.stdout, b"hello ").unwrap();
         nix::unistd::write(&child.stdout, b"world").unwrap();
         drop(child);
@@ -282,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_write_closes_stdin() {
-        let (io, child) = ProcessIo::new(false, None).unwrap();
+        let (io, child) = ProcessIo::pipes().unwrap();
         assert_eq!(io.write_stdin(b"abc").await.unwrap(), 3);
         io.write_stdin(b"").await.unwrap();
         let mut buf = [0u8; 8];

@@ -366,6 +366,59 @@ async fn terminal_process_gets_a_resizable_pty() {
 }
 
 #[tokio::test]
+async fn terminal_processes_get_ptys_of_the_containers_own_devpts() {
+    require!("terminal_processes_get_ptys_of_the_containers_own_devpts");
+    let (_agent, client, rootfs) = setup().await;
+    let mut s = spec(&rootfs, &["sh", "-c", "tty; stty size; read line"]);
+    let p = s.Process.mut_or_insert_default();
+    p.Terminal = true;
+    let size = p.ConsoleSize.mut_or_insert_default();
+    size.Height = 30;
+    size.Width = 90;
+    create(&client, "own-pty", s).await;
+    start(&client, "own-pty").await;
+
+    // The init holds the first pty of the container's fresh devpts, so an
+    // exec'd terminal gets the second; both are there to list.
+    exec(
+        &client,
+        "own-pty",
+        "t2",
+        &["sh", "-c", "tty; ls /dev/pts | cat"],
+        true,
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8(read_all(&client, "own-pty", "t2", false).await).unwrap();
+    assert_eq!(out, "/dev/pts/1\r\n0\r\n1\r\nptmx\r\n");
+    assert_eq!(wait(&client, "own-pty", "t2").await.unwrap(), 0);
+
+    let mut w = WriteStreamRequest::new();
+    w.container_id = "own-pty".into();
+    w.data = b"\n".to_vec();
+    client.write_stdin(prompt(), &w).await.unwrap();
+    let out = String::from_utf8(read_all(&client, "own-pty", "", false).await).unwrap();
+    assert!(out.starts_with("/dev/pts/0\r\n30 90\r\n"), "{out:?}");
+    assert_eq!(wait(&client, "own-pty", "").await.unwrap(), 0);
+    remove(&client, "own-pty").await.unwrap();
+}
+
+#[tokio::test]
+async fn terminal_in_a_container_without_a_devpts_is_an_invalid_argument() {
+    require!("terminal_in_a_container_without_a_devpts_is_an_invalid_argument");
+    let (_agent, client, rootfs) = setup().await;
+    let mut s = spec(&rootfs, &["tty"]);
+    s.Mounts.retain(|m| m.destination != "/dev/pts");
+    s.Process.mut_or_insert_default().Terminal = true;
+    let err = client
+        .create_container(prompt(), &create_request("no-devpts", s))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::INVALID_ARGUMENT, "{err:?}");
+    assert!(format!("{err:?}").contains("/dev/ptmx"), "{err:?}");
+}
+
+#[tokio::test]
 async fn memory_limit_breach_is_reported_by_get_oom_event() {
     require!("memory_limit_breach_is_reported_by_get_oom_event");
     let (_agent, client, rootfs) = setup().await;

@@ -3,6 +3,7 @@
 //! the host), or QEMU VMs from the guest image where the machine has them.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -674,6 +675,313 @@ fn run_exec_kill_rm_in_a_vm(test: &str, hypervisor: &str, image: &GuestImage) {
     let out = cli.output(&["rm", "q3"]);
     assert!(out.status.success(), "rm: {}", text(&out.stderr));
 
+    assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
+    cli.assert_no_processes_left();
+}
+
+/// `kestrel` on a terminal of its own, as a terminal emulator would run it:
+/// stdin and stdout on the slave of a pty the test holds the master of, the
+/// pty its controlling terminal. Stderr goes to a file, so the start-up
+/// spinner stays off the terminal and failures can be shown.
+struct OnTerminal {
+    child: std::process::Child,
+    master: std::os::fd::OwnedFd,
+    output: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+    stderr: PathBuf,
+}
+
+impl OnTerminal {
+    fn spawn(cli: &Cli, args: &[&str], rows: u16, cols: u16) -> OnTerminal {
+        use std::os::unix::process::CommandExt;
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+        static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr = cli.dir.path().join(format!("terminal-{n}.stderr"));
+        let mut command = cli.command(args);
+        command
+            .stdin(pty.slave.try_clone().expect("dup"))
+            .stdout(pty.slave.try_clone().expect("dup"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        // SAFETY: setsid and ioctl are async-signal-safe and touch no memory
+        // of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("kestrel on a pty");
+        // Only kestrel may hold the slave: the master reads EIO once it exits.
+        drop(command);
+        drop(pty.slave);
+        let reader = pty.master.try_clone().expect("dup");
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = nix::unistd::read(reader.as_raw_fd(), &mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        OnTerminal {
+            child,
+            master: pty.master,
+            output,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    fn text(&self) -> String {
+        text(&self.seen)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Reads the terminal until it shows `wanted`, for at most `timeout`.
+    fn wait_for(&mut self, wanted: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.text().contains(wanted) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(_) => panic!(
+                    "{wanted:?} never showed; the terminal shows {:?}, stderr: {}",
+                    self.text(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Resizes the terminal, as a terminal emulator's window: the kernel
+    /// sends SIGWINCH to kestrel, its foreground process group.
+    fn resize(&self, rows: u16, cols: u16) {
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the pointer we pass.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+    }
+
+    /// Whether the terminal is in canonical (line-editing) mode, which raw
+    /// mode turns off.
+    fn canonical(&self) -> bool {
+        let termios = nix::sys::termios::tcgetattr(&self.master).expect("tcgetattr");
+        termios
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ICANON)
+    }
+
+    /// Waits for kestrel to exit and reads the rest of the terminal.
+    fn finish(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "kestrel did not exit; the terminal shows {:?}, stderr: {}",
+                    self.text(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(chunk) = self.output.recv_timeout(Duration::from_secs(5)) {
+            self.seen.extend(chunk);
+        }
+        (status.code(), self.text())
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kestrel rm -f` of a container when dropped, so a failed assertion
+/// leaves no shim or agent behind.
+struct RemovedOnDrop<'a>(&'a Cli, &'a str);
+
+impl Drop for RemovedOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.output(&["rm", "-f", self.1]);
+    }
+}
+
+/// Prints the terminal's name and size, then waits (up to 30 s) for the
+/// size to change from 33x91 and prints the new one.
+const PRINT_TTY_AND_SIZE_CHANGE: &str = "tty; stty size; i=0; \
+    while [ \"$(stty size)\" = '33 91' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+    stty size";
+
+/// Runs `args` (a `kestrel run -t` or `exec -t` of
+/// [`PRINT_TTY_AND_SIZE_CHANGE`]) on a 33x91 terminal: the container's
+/// process must name `/dev/pts/0`, a pty of the container's own devpts, see
+/// the size of ours, and follow it to 50x120 while our terminal is in raw
+/// mode; our terminal's mode is back once kestrel exits.
+fn terminal_is_the_containers_own_and_follows_a_resize(cli: &Cli, args: &[&str]) {
+    let mut term = OnTerminal::spawn(cli, args, 33, 91);
+    term.wait_for("33 91", Duration::from_secs(120));
+    // The process runs, waiting for the resize: kestrel puts its terminal
+    // in raw mode once the process has started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while term.canonical() {
+        assert!(
+            Instant::now() < deadline,
+            "kestrel did not put its terminal in raw mode"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    term.resize(50, 120);
+    term.wait_for("50 120", Duration::from_secs(30));
+    let (status, shown) = term.finish(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "the terminal shows {shown:?}");
+    let lines: Vec<&str> = shown.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines, ["/dev/pts/0", "33 91", "50 120"], "{shown:?}");
+    assert!(
+        term.canonical(),
+        "kestrel did not restore its terminal's mode"
+    );
+}
+
+#[test]
+fn run_t_gives_a_pty_of_the_containers_own_that_follows_resizes() {
+    let test = "run_t_gives_a_pty_of_the_containers_own_that_follows_resizes";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    terminal_is_the_containers_own_and_follows_a_resize(
+        &cli,
+        &[
+            "run",
+            "--hypervisor",
+            "process",
+            "--rm",
+            "-t",
+            "--rootfs",
+            &rootfs,
+            "tty1",
+            "--",
+            "sh",
+            "-c",
+            PRINT_TTY_AND_SIZE_CHANGE,
+        ],
+    );
+    assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
+    cli.assert_no_processes_left();
+}
+
+#[test]
+fn exec_t_gives_a_pty_of_the_containers_own_that_follows_resizes() {
+    let test = "exec_t_gives_a_pty_of_the_containers_own_that_follows_resizes";
+    if !require(test) {
+        return;
+    }
+    let cli = Cli::new("");
+    let out = cli.run(&["-d"], "tty2", &["sleep", "1000"]);
+    let removed = RemovedOnDrop(&cli, "tty2");
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    terminal_is_the_containers_own_and_follows_a_resize(
+        &cli,
+        &[
+            "exec",
+            "-t",
+            "tty2",
+            "--",
+            "sh",
+            "-c",
+            PRINT_TTY_AND_SIZE_CHANGE,
+        ],
+    );
+    std::mem::forget(removed);
+    assert!(cli.output(&["rm", "-f", "tty2"]).status.success());
+    cli.assert_no_processes_left();
+}
+
+/// Both, in a QEMU VM: the pty comes from the container's devpts in the
+/// guest, and resizes cross the shim, the vsock and the agent.
+#[test]
+fn run_t_and_exec_t_in_a_qemu_vm_give_ptys_of_the_containers_own_that_follow_resizes() {
+    let test = "run_t_and_exec_t_in_a_qemu_vm_give_ptys_of_the_containers_own_that_follow_resizes";
+    let Some(image) = qemu_ready(test) else {
+        return;
+    };
+    let cli = Cli::new(&format!(
+        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+        image.vmlinux.display(),
+        image.initrd.display()
+    ));
+    let rootfs = cli.rootfs.to_str().unwrap().to_string();
+    terminal_is_the_containers_own_and_follows_a_resize(
+        &cli,
+        &[
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--rm",
+            "-t",
+            "--rootfs",
+            &rootfs,
+            "vtty1",
+            "--",
+            "sh",
+            "-c",
+            PRINT_TTY_AND_SIZE_CHANGE,
+        ],
+    );
+    let out = cli.output(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "-d",
+        "--rootfs",
+        &rootfs,
+        "vtty2",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let removed = RemovedOnDrop(&cli, "vtty2");
+    assert!(out.status.success(), "run -d: {}", text(&out.stderr));
+    terminal_is_the_containers_own_and_follows_a_resize(
+        &cli,
+        &[
+            "exec",
+            "-t",
+            "vtty2",
+            "--",
+            "sh",
+            "-c",
+            PRINT_TTY_AND_SIZE_CHANGE,
+        ],
+    );
+    std::mem::forget(removed);
+    assert!(cli.output(&["rm", "-f", "vtty2"]).status.success());
     assert!(cli.root_entries().is_empty(), "{:?}", cli.root_entries());
     cli.assert_no_processes_left();
 }

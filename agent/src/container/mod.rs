@@ -4,6 +4,7 @@
 
 pub mod capabilities;
 pub mod cgroup;
+pub mod console;
 pub mod lsm;
 pub mod hooks;
 pub mod process;
@@ -84,11 +85,6 @@ impl Container {
             process,
             hooks,
         };
-        let console = spec
-            .Process
-            .ConsoleSize
-            .as_ref()
-            .map(|b| (b.Height as u16, b.Width as u16));
         let launched = launch(
             reaper,
             Launch {
@@ -96,7 +92,6 @@ impl Container {
                 config: &config,
                 flags,
                 cgroup: &cgroup,
-                console_size: console,
             },
         )
         .await;
@@ -189,9 +184,6 @@ impl Container {
                 self.id
             )));
         }
-        let console = p
-            .and_then(|p| p.ConsoleSize.as_ref())
-            .map(|b| (b.Height as u16, b.Width as u16));
         let config = SetupConfig {
             role: Role::Exec {
                 pid: self.init.pid.as_raw(),
@@ -206,7 +198,6 @@ impl Container {
                 config: &config,
                 flags: CloneFlags::empty(),
                 cgroup: &self.cgroup,
-                console_size: console,
             },
         )
         .await?;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::cgroup::Cgroup;
+use super::console::{ConsoleSocket, CONSOLE_FD};
 use super::setup::{CONTROL_FD, SETUP_ARG};
 use super::spec::SetupConfig;
 use crate::error::{Error, Result};
@@ -120,19 +121,31 @@ pub struct Launch<'a> {
     pub config: &'a SetupConfig,
     pub flags: CloneFlags,
     pub cgroup: &'a Cgroup,
-    pub console_size: Option<(u16, u16)>,
 }
 
 /// Starts the setup helper for `launch`. For an init process returns once
 /// the container is built and waiting for StartContainer (with the
 /// [`Control`] to start it); for an exec once the program runs.
 pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Option<Control>)> {
-    let terminal = launch.config.process.terminal;
-    let (io, child_stdio) = ProcessIo::new(terminal, launch.console_size)?;
+    // A terminal process opens its pty in the container (`console.rs`):
+    // until then its stdio is /dev/null.
+    let (pipes, child_stdio) = if launch.config.process.terminal {
+        (None, ChildStdio::null()?)
+    } else {
+        let (io, child) = ProcessIo::pipes()?;
+        (Some(io), child)
+    };
+    let (console, console_helper_end) =
+        ConsoleSocket::pair().map_err(|e| Error::internal("starting a container process", e))?;
     let (agent_end, helper_end) =
         StdUnixStream::pair().map_err(|e| Error::internal("socketpair", e))?;
-    let (helper_pid, helper_exit) =
-        clone_helper(reaper, launch.flags, &child_stdio, helper_end.into())?;
+    let (helper_pid, helper_exit) = clone_helper(
+        reaper,
+        launch.flags,
+        &child_stdio,
+        helper_end.into(),
+        console_helper_end,
+    )?;
     drop(child_stdio);
 
     let kill_helper = |e: Error| {
@@ -181,9 +194,21 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
         // EOF: the exec'd program replaced the process holding the socket.
         ready = pid.is_some();
     }
-    let (pid, exit) = match (ready, failure, pid, exit) {
-        (true, None, Some(pid), Some(exit)) => (pid, exit),
-        (_, failure, pid, _) => {
+    let outcome = match (ready, failure, pid, exit) {
+        (true, None, Some(pid), Some(exit)) => match pipes {
+            Some(io) => Ok(io),
+            None => console
+                .receive_master()
+                .map_err(|e| Error::internal("the container's terminal", e))
+                .and_then(ProcessIo::terminal),
+        }
+        .map(|io| (pid, exit, io))
+        .map_err(|e| (Some(pid), Some(e))),
+        (_, failure, pid, _) => Err((pid, failure)),
+    };
+    let (pid, exit, io) = match outcome {
+        Ok(started) => started,
+        Err((pid, failure)) => {
             if let Some(pid) = pid {
                 let _ = kill(pid, Signal::SIGKILL);
             }
@@ -211,12 +236,14 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
 }
 
 /// Clones a child into `flags`' namespaces that re-executes the agent as the
-/// setup helper, with the given stdio on 0-2 and `control` on fd 3.
+/// setup helper, with the given stdio on 0-2, `control` on fd 3 and the
+/// console socket's helper end on fd 4.
 fn clone_helper(
     reaper: &Reaper,
     flags: CloneFlags,
     stdio: &ChildStdio,
     control: OwnedFd,
+    console: OwnedFd,
 ) -> Result<(Pid, ExitWatch)> {
     // Everything the child touches is prepared here: between clone and
     // execve a child of a multi-threaded process may not allocate.
@@ -230,8 +257,10 @@ fn clone_helper(
         stdio.stdout.as_raw_fd(),
         stdio.stderr.as_raw_fd(),
         control.as_raw_fd(),
+        console.as_raw_fd(),
     ];
-    debug_assert_eq!(fds.len() as i32, CONTROL_FD + 1);
+    debug_assert_eq!(fds.len() as i32, CONTROL_FD + 2);
+    debug_assert_eq!(CONSOLE_FD, CONTROL_FD + 1);
 
     let mut children = reaper.lock();
     match clone_process(flags) {
@@ -246,7 +275,7 @@ fn clone_helper(
 /// # Safety
 /// Call only in a freshly cloned child; never returns.
 unsafe fn exec_child(
-    fds: &[RawFd; 4],
+    fds: &[RawFd; 5],
     exe: &CStr,
     argv: &[*const libc::c_char; 3],
     envp: &[*const libc::c_char; 1],
@@ -256,7 +285,7 @@ unsafe fn exec_child(
     unsafe {
         // Move every source above the targets first so placing one cannot
         // clobber another; the copies are close-on-exec.
-        let mut high = [0; 4];
+        let mut high = [0; 5];
         for (i, fd) in fds.iter().enumerate() {
             high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
             if high[i] < 0 {

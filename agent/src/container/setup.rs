@@ -12,6 +12,9 @@
 //! while the agent needs a small part of it: namespaces, mounts,
 //! pivot_root, identity and a cgroup it manages itself (see `cgroup.rs`).
 //!
+//! A terminal process gets its pty from the container's devpts over the
+//! console socket (fd 4, see `console.rs`).
+//!
 //! Protocol over the control socket (fd 3, close-on-exec in here):
 //! the agent sends the [`SetupConfig`] as a 4-byte little-endian length
 //! and JSON. The helper answers with lines:
@@ -31,7 +34,7 @@ use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sched::{setns, CloneFlags};
 use nix::unistd::{chdir, execve, setgid, setgroups, setsid, setuid, Gid, Uid};
 
+use super::console;
 use super::hooks::{HookError, Phase};
 use super::process::clone_process;
 use super::rootfs;
@@ -105,10 +109,11 @@ impl From<String> for Failure {
 fn setup(control: &mut UnixStream) -> Result<Infallible, Failure> {
     fcntl(control.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
         .map_err(|e| Failure::Internal(format!("control socket: {e}")))?;
+    let console = console::adopt().map_err(|e| Failure::Internal(e.to_string()))?;
     let config = read_config(control)?;
     match config.role {
         Role::Init(rootfs) => {
-            session(&config.process)?;
+            session()?;
             // runc runs them from the new root's directory, before pivot_root.
             rootfs::prepare(&rootfs, || {
                 config
@@ -116,6 +121,7 @@ fn setup(control: &mut UnixStream) -> Result<Infallible, Failure> {
                     .run(Phase::CreateContainer, Some(&rootfs.root), &[])
                     .map_err(Failure::Hook)
             })?;
+            terminal(console, &config.process)?;
             let program = prepare_process(&config.process)?;
             reply(control, "ok")?;
             let mut start = [0u8; 1];
@@ -142,7 +148,8 @@ fn setup(control: &mut UnixStream) -> Result<Infallible, Failure> {
                     std::process::exit(0)
                 }
                 None => {
-                    session(&config.process)?;
+                    session()?;
+                    terminal(console, &config.process)?;
                     let program = prepare_process(&config.process)?;
                     Ok(exec(&program, &config.process)?)
                 }
@@ -181,21 +188,19 @@ fn reply(control: &mut UnixStream, line: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::Internal(format!("answering the agent: {e}")))
 }
 
-/// A new session; with a terminal, stdin (the pty) becomes the controlling
-/// terminal so job control and ^C work in the container.
-fn session(process: &ProcessConfig) -> Result<(), String> {
+/// A new session, which a terminal process's pty then controls.
+fn session() -> Result<(), String> {
     setsid().map_err(|e| format!("setsid: {e}"))?;
-    if process.terminal {
-        // SAFETY: TIOCSCTTY on fd 0 takes an int argument and touches no memory.
-        let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
-        if rc != 0 {
-            return Err(format!(
-                "making the pty the controlling terminal: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
     Ok(())
+}
+
+/// With a terminal, opens the pty in the container (so job control and ^C
+/// work in there, and `tty` names it) and hands the master to the agent.
+fn terminal(console: OwnedFd, process: &ProcessConfig) -> Result<(), String> {
+    if !process.terminal {
+        return Ok(());
+    }
+    console::attach(console, process).map_err(|e| e.to_string())
 }
 
 fn join_namespaces(pid: i32) -> Result<(), String> {

@@ -48,6 +48,8 @@ pub struct ProcessConfig {
     pub additional_gids: Vec<u32>,
     pub rlimits: Vec<Rlimit>,
     pub terminal: bool,
+    /// Rows and columns of the terminal, set before the program runs.
+    pub console_size: Option<(u16, u16)>,
     pub no_new_privileges: bool,
     pub oom_score_adj: Option<i64>,
     /// None: the process keeps what its user gets from the kernel.
@@ -188,11 +190,34 @@ pub fn process_config(process: Option<&oci::Process>, what: &str) -> Result<Proc
         additional_gids: user.map(|u| u.AdditionalGids.clone()).unwrap_or_default(),
         rlimits,
         terminal: p.Terminal,
+        console_size: console_size(p, what)?,
         no_new_privileges: p.NoNewPrivileges,
         oom_score_adj: (p.OOMScoreAdj != 0).then_some(p.OOMScoreAdj),
         capabilities: Capabilities::from_spec(p)?,
         seccomp: None,
     })
+}
+
+/// The spec's console size, if it names one; a zero dimension means none,
+/// as in runc.
+fn console_size(p: &oci::Process, what: &str) -> Result<Option<(u16, u16)>> {
+    let Some(b) = p.ConsoleSize.as_ref() else {
+        return Ok(None);
+    };
+    if b.Height == 0 || b.Width == 0 {
+        return Ok(None);
+    }
+    let dimension = |v: u32, name: &str| {
+        u16::try_from(v).map_err(|_| {
+            Error::invalid(format!(
+                "{what}: process.consoleSize.{name} {v} is larger than a terminal can be"
+            ))
+        })
+    };
+    Ok(Some((
+        dimension(b.Height, "height")?,
+        dimension(b.Width, "width")?,
+    )))
 }
 
 fn rlimit_resource(name: &str) -> Option<i32> {
@@ -451,6 +476,23 @@ mod tests {
         p.Rlimits.push(r);
         let err = process_config(Some(&p), "spec").unwrap_err();
         assert!(err.to_string().contains("RLIMIT_BOGUS"));
+    }
+
+    #[test]
+    fn console_size_is_rows_and_columns_and_an_oversized_one_is_rejected() {
+        let mut p = oci::Process::new();
+        p.Args = vec!["sh".into()];
+        assert_eq!(process_config(Some(&p), "spec").unwrap().console_size, None);
+        let size = p.ConsoleSize.mut_or_insert_default();
+        size.Height = 40;
+        size.Width = 120;
+        let config = process_config(Some(&p), "spec").unwrap();
+        assert_eq!(config.console_size, Some((40, 120)));
+        p.ConsoleSize.mut_or_insert_default().Width = 0;
+        assert_eq!(process_config(Some(&p), "spec").unwrap().console_size, None);
+        p.ConsoleSize.mut_or_insert_default().Width = 70_000;
+        let err = process_config(Some(&p), "spec").unwrap_err();
+        assert!(err.to_string().contains("consoleSize.width 70000"), "{err}");
     }
 
     #[test]

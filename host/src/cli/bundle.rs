@@ -5,9 +5,16 @@ use std::path::Path;
 
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The runtime spec for `args` in `rootfs` (an absolute path).
-pub fn spec(id: &str, rootfs: &Path, args: &[String], terminal: bool) -> serde_json::Value {
-    serde_json::json!({
+/// The runtime spec for `args` in `rootfs` (an absolute path), with a
+/// terminal of `console_size` (rows, columns) if `terminal`.
+pub fn spec(
+    id: &str,
+    rootfs: &Path,
+    args: &[String],
+    terminal: bool,
+    console_size: Option<(u16, u16)>,
+) -> serde_json::Value {
+    let mut spec = serde_json::json!({
         "ociVersion": "1.1.0",
         "process": {
             "terminal": terminal,
@@ -34,18 +41,34 @@ pub fn spec(id: &str, rootfs: &Path, args: &[String], terminal: bool) -> serde_j
             "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq",
                 "/proc/sys", "/proc/sysrq-trigger"]
         }
-    })
+    });
+    with_console_size(&mut spec["process"], console_size);
+    spec
 }
 
 /// The process spec of an exec: `args` with the container's environment.
-pub fn exec_process(args: &[String], terminal: bool) -> serde_json::Value {
-    serde_json::json!({
+pub fn exec_process(
+    args: &[String],
+    terminal: bool,
+    console_size: Option<(u16, u16)>,
+) -> serde_json::Value {
+    let mut process = serde_json::json!({
         "terminal": terminal,
         "user": {"uid": 0, "gid": 0},
         "args": args,
         "env": [PATH, "TERM=xterm"],
         "cwd": "/"
-    })
+    });
+    with_console_size(&mut process, console_size);
+    process
+}
+
+/// The terminal's first size goes in the spec, so the program never sees a
+/// terminal without one.
+fn with_console_size(process: &mut serde_json::Value, console_size: Option<(u16, u16)>) {
+    if let Some((rows, cols)) = console_size {
+        process["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+    }
 }
 
 /// Writes `dir/config.json`.

@@ -14,6 +14,7 @@ use super::bundle;
 use super::containers::Container;
 use super::shim::{self, Shim};
 use super::stdio::Fifos;
+use super::terminal::WindowSize;
 use kestrel_host::config::Config;
 
 #[derive(Args, Debug)]
@@ -79,7 +80,11 @@ async fn start_and_wait(
     container: &Container,
     rootfs: &std::path::Path,
 ) -> Result<ExitCode> {
-    let mut spec = bundle::spec(&container.id, rootfs, &args.command, args.tty);
+    // Watched from before its size is read: a change in between then
+    // reaches the container too.
+    let mut window = args.tty.then(WindowSize::watch).flatten();
+    let size = window.as_ref().and_then(WindowSize::current);
+    let mut spec = bundle::spec(&container.id, rootfs, &args.command, args.tty, size);
     args.security.apply(&mut spec)?;
     bundle::write(&container.dir, &spec).context("writing the bundle")?;
 
@@ -112,6 +117,11 @@ async fn start_and_wait(
     if let Some(fifos) = &fifos {
         fifos.copy_stdin();
     }
+    // Raw before the process starts: its first output must not pass
+    // through our line discipline too (a second CR before each LF).
+    let raw = (args.tty && !args.detach)
+        .then(super::terminal::RawMode::enter)
+        .flatten();
     shim.start("").await?;
     spinner.finish();
     if args.detach {
@@ -119,12 +129,11 @@ async fn start_and_wait(
         return Ok(ExitCode::SUCCESS);
     }
 
-    let _raw = args.tty.then(super::terminal::RawMode::enter).flatten();
-    let status = wait_forwarding_signals(&shim).await?;
-    drop(_raw);
+    let status = wait_forwarding(&shim, "", window.as_mut()).await?;
     if let Some(outputs) = outputs {
         outputs.drain().await;
     }
+    drop(raw);
     if let Some(fifos) = &fifos {
         fifos.remove();
     }
@@ -136,22 +145,34 @@ async fn start_and_wait(
     Ok(exit_code(status))
 }
 
-/// Waits for the init process; SIGINT and SIGTERM to us become SIGTERM to it.
-pub async fn wait_forwarding_signals(shim: &Shim) -> Result<u32> {
-    wait_forwarding(shim, "").await
-}
-
-/// [`wait_forwarding_signals`] for any process of the container.
-pub async fn wait_forwarding(shim: &Shim, exec_id: &str) -> Result<u32> {
+/// Waits for a process of the container (the init for an empty exec id):
+/// SIGINT and SIGTERM to us become SIGTERM to it, and our terminal's size
+/// changes, with `window`, resize its terminal.
+pub async fn wait_forwarding(
+    shim: &Shim,
+    exec_id: &str,
+    mut window: Option<&mut WindowSize>,
+) -> Result<u32> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let wait = shim.wait(exec_id);
     tokio::pin!(wait);
     loop {
+        let resized = async {
+            match window.as_deref_mut() {
+                Some(window) => window.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = &mut wait => return Ok(status?),
             _ = interrupt.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
             _ = terminate.recv() => shim.kill(exec_id, libc::SIGTERM as u32).await?,
+            Some((rows, cols)) = resized => {
+                // A resize that races the process's exit fails; the exit
+                // is what the user gets to see, so the failure is dropped.
+                let _ = shim.resize_pty(exec_id, rows, cols).await;
+            }
         }
     }
 }

@@ -291,6 +291,19 @@ impl Shim {
         resp.map_err(self.failed("Delete")).map(drop)
     }
 
+    /// Resizes the process's terminal to `rows` by `cols`.
+    pub async fn resize_pty(&self, exec_id: &str, rows: u16, cols: u16) -> Result<(), ShimError> {
+        let req = ResizePtyRequest {
+            id: self.id.clone(),
+            exec_id: exec_id.into(),
+            width: cols.into(),
+            height: rows.into(),
+            ..Default::default()
+        };
+        let resp = self.client.resize_pty(request_context(), &req).await;
+        resp.map_err(self.failed("ResizePty")).map(drop)
+    }
+
     /// Asks the shim server to exit; it stops its sandboxes first.
     pub async fn shutdown(&self) -> Result<(), ShimError> {
         let req = ShutdownRequest {
