@@ -5,8 +5,8 @@
 pub mod capabilities;
 pub mod cgroup;
 pub mod console;
-pub mod lsm;
 pub mod hooks;
+pub mod lsm;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;

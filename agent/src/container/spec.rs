@@ -12,8 +12,8 @@ use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use super::capabilities::Capabilities;
-use super::seccomp::Filter;
 use super::hooks::GuestHooks;
+use super::seccomp::Filter;
 use crate::error::{Error, Result};
 
 /// PATH used to find the executable when the spec's env has none.
