@@ -34,6 +34,15 @@ impl Cli {
         Cli { dir, rootfs }
     }
 
+    /// A CLI whose VMs boot `image` (256 MiB, a slow-boot dial timeout).
+    fn for_vm(image: &GuestImage) -> Cli {
+        Cli::new(&format!(
+            "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
+            image.vmlinux.display(),
+            image.initrd.display()
+        ))
+    }
+
     fn root(&self) -> PathBuf {
         self.dir.path().join("cli")
     }
@@ -570,11 +579,7 @@ fn run_exec_kill_rm_in_the_builtin_vmm_picked_by_auto_use_the_guest_kernel() {
 /// `run --rm` (output, status, the guest's kernel), then a detached
 /// container's exec, stdin, kill and rm, all with `--hypervisor hypervisor`.
 fn run_exec_kill_rm_in_a_vm(test: &str, hypervisor: &str, image: &GuestImage) {
-    let cli = Cli::new(&format!(
-        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
-        image.vmlinux.display(),
-        image.initrd.display()
-    ));
+    let cli = Cli::for_vm(image);
     if hypervisor == "auto" {
         let out = cli.output(&["doctor"]);
         let doctor = text(&out.stdout);
@@ -931,11 +936,7 @@ fn run_t_and_exec_t_in_a_qemu_vm_give_ptys_of_the_containers_own_that_follow_res
     let Some(image) = qemu_ready(test) else {
         return;
     };
-    let cli = Cli::new(&format!(
-        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
-        image.vmlinux.display(),
-        image.initrd.display()
-    ));
+    let cli = Cli::for_vm(&image);
     let rootfs = cli.rootfs.to_str().unwrap().to_string();
     terminal_is_the_containers_own_and_follows_a_resize(
         &cli,
@@ -1078,11 +1079,7 @@ fn idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_
     let Some(image) = qemu_ready(test) else {
         return;
     };
-    let cli = Cli::new(&format!(
-        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
-        image.vmlinux.display(),
-        image.initrd.display()
-    ));
+    let cli = Cli::for_vm(&image);
     let rootfs = cli.rootfs.to_str().unwrap().to_string();
     let out = cli.output(&[
         "run",
@@ -1098,13 +1095,7 @@ fn idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_
     ]);
     assert!(out.status.success(), "run -d: {}", text(&out.stderr));
     // A failed assertion must not leave the VM running.
-    struct RemoveOnDrop<'a>(&'a Cli);
-    impl Drop for RemoveOnDrop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.output(&["rm", "-f", "idle"]);
-        }
-    }
-    let guard = RemoveOnDrop(&cli);
+    let guard = RemovedOnDrop(&cli, "idle");
     let sandbox = std::fs::read_dir(cli.dir.path().join("sandboxes"))
         .expect("sandboxes dir")
         .flatten()
@@ -1177,11 +1168,7 @@ fn lockdown_flags_are_enforced_in_a_qemu_vm() {
     let Some(image) = qemu_ready(test) else {
         return;
     };
-    let cli = Cli::new(&format!(
-        "{SLOW_BOOT_AGENT_SECTION}[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\naccel = \"auto\"\n",
-        image.vmlinux.display(),
-        image.initrd.display()
-    ));
+    let cli = Cli::for_vm(&image);
     lockdown_flags_are_enforced(&cli, "qemu");
 }
 
