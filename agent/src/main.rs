@@ -10,13 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use kestrel_protocols::ttrpc::r#async::transport::Listener;
-use kestrel_protocols::ttrpc::r#async::Server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::level_filters::LevelFilter;
 
 use kestrel_agent::reaper::Reaper;
 use kestrel_agent::sandbox::Sandbox;
-use kestrel_agent::{container, init, server, unknown_service, VERSION};
+use kestrel_agent::{container, init, server, VERSION};
 
 /// How long the server lets in-flight replies (DestroySandbox's own among
 /// them) go out when it stops. A runtime's long polls (WaitProcess,
@@ -113,12 +112,7 @@ async fn serve(args: Args, pid1: bool) -> anyhow::Result<()> {
     }
     let listener =
         Listener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let services = server::services(Arc::clone(&sandbox));
-    let served = services.iter().flat_map(|s| s.keys().cloned()).collect();
-    let mut server = Server::new().add_listener(unknown_service::listener(listener, served));
-    for service in services {
-        server = server.register_service(service);
-    }
+    let mut server = server::server(listener, Arc::clone(&sandbox));
     server.start().await.context("starting the ttrpc server")?;
     tracing::info!(address = %args.listen, version = VERSION, pid1, "agent serving");
 

@@ -12,7 +12,8 @@ use kestrel_protocols::health::health_check_response::ServingStatus;
 use kestrel_protocols::health::{CheckRequest, HealthCheckResponse, VersionCheckResponse};
 use kestrel_protocols::protobuf::well_known_types::empty::Empty;
 use kestrel_protocols::ttrpc::error::get_rpc_status;
-use kestrel_protocols::ttrpc::r#async::TtrpcContext;
+use kestrel_protocols::ttrpc::r#async::transport::Listener;
+use kestrel_protocols::ttrpc::r#async::{Server, TtrpcContext};
 use kestrel_protocols::ttrpc::{self, Code};
 use kestrel_protocols::{agent_ttrpc, health_ttrpc, types};
 
@@ -261,14 +262,21 @@ impl health_ttrpc::Health for HealthService {
     }
 }
 
-/// Both services, and the one that answers requests for any other
-/// service ([`unknown_service`]), ready for a ttrpc server.
-pub fn services(
-    sandbox: Arc<Sandbox>,
-) -> [std::collections::HashMap<String, ttrpc::r#async::Service>; 3] {
-    [
+/// The agent's ttrpc server on `listener`: both services, and the one
+/// that answers requests for any other service ([`unknown_service`]).
+/// `kestrel-agent` and the fuzz target serve through this one.
+pub fn server(listener: Listener, sandbox: Arc<Sandbox>) -> Server {
+    let services = [
         agent_ttrpc::create_agent_service(Arc::new(AgentService::new(sandbox))),
         health_ttrpc::create_health(Arc::new(HealthService)),
         unknown_service::service(),
-    ]
+    ];
+    // Requests for any other service are redirected to unknown_service's,
+    // in front of the library's router.
+    let served = services.iter().flat_map(|s| s.keys().cloned()).collect();
+    let mut server = Server::new().add_listener(unknown_service::listener(listener, served));
+    for service in services {
+        server = server.register_service(service);
+    }
+    server
 }

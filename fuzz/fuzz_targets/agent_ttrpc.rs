@@ -1,9 +1,9 @@
 //! ttrpc frames into the agent: the bytes a runtime (or anything that can
-//! reach vsock port 1024) writes, into a real agent server put together as
-//! `kestrel-agent`'s `serve` does — its listener wrapped in
-//! `unknown_service`'s frame-rewriting `Redirect`, the agent's own services
-//! over a `Sandbox` in host mode — listening on a Unix socket in this
-//! process, so coverage and panics of its threads count.
+//! reach vsock port 1024) writes, into the agent server `kestrel-agent`
+//! serves (`server::server`: its listener wrapped in `unknown_service`'s
+//! frame-rewriting `Redirect`, the agent's own services) over a `Sandbox`
+//! in host mode, listening on a Unix socket in this process, so coverage
+//! and panics of its threads count.
 //!
 //! Input: pieces, each a kind byte, a big-endian u16 length and that many
 //! bytes. An even kind makes a request frame of the bytes (a `Request`
@@ -27,14 +27,13 @@ use std::time::Duration;
 
 use kestrel_agent::reaper::Reaper;
 use kestrel_agent::sandbox::Sandbox;
-use kestrel_agent::{server, unknown_service};
+use kestrel_agent::server;
 use kestrel_protocols::protobuf::Message;
+use kestrel_protocols::ttrpc::proto::MESSAGE_HEADER_LENGTH;
 use kestrel_protocols::ttrpc::r#async::transport::Listener;
-use kestrel_protocols::ttrpc::r#async::Server;
 use kestrel_protocols::ttrpc::{self, Response};
 use libfuzzer_sys::fuzz_target;
 
-const HEADER_LEN: usize = 10;
 /// How long an input waits for the agent's answers. Some methods never
 /// answer on their own (GetOOMEvent, WaitProcess of a live process); the
 /// fuzzer moves on without them.
@@ -65,13 +64,7 @@ fn agent() -> &'static PathBuf {
                 reaper.start().expect("SIGCHLD handler");
                 let sandbox = Arc::new(Sandbox::new(reaper, shared, false));
                 let listener = Listener::bind(&address).expect("binding the agent socket");
-                let services = server::services(sandbox);
-                let served = services.iter().flat_map(|s| s.keys().cloned()).collect();
-                let mut server =
-                    Server::new().add_listener(unknown_service::listener(listener, served));
-                for service in services {
-                    server = server.register_service(service);
-                }
+                let mut server = server::server(listener, sandbox);
                 server.start().await.expect("starting the agent server");
                 ready_tx.send(()).expect("fuzz thread waits");
                 std::future::pending::<()>().await;
@@ -107,10 +100,10 @@ fn frames(mut data: &[u8]) -> Vec<u8> {
 /// Checks that every complete frame the agent sent is a response or data
 /// frame, and that a response carries a `Response` message.
 fn check_answers(mut answers: &[u8]) {
-    while answers.len() >= HEADER_LEN {
-        let header = ttrpc::MessageHeader::from(&answers[..HEADER_LEN]);
-        let end = HEADER_LEN + header.length as usize;
-        let Some(payload) = answers.get(HEADER_LEN..end) else {
+    while answers.len() >= MESSAGE_HEADER_LENGTH {
+        let header = ttrpc::MessageHeader::from(&answers[..MESSAGE_HEADER_LENGTH]);
+        let end = MESSAGE_HEADER_LENGTH + header.length as usize;
+        let Some(payload) = answers.get(MESSAGE_HEADER_LENGTH..end) else {
             return;
         };
         match header.type_ {
