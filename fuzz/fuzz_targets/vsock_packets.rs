@@ -19,8 +19,12 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use arbitrary::Arbitrary;
+use kestrel_protocols::AGENT_VSOCK_PORT;
+use kestrel_vmm::vsock::muxer::FIRST_LOCAL_PORT;
 use kestrel_vmm::vsock::queue::{process_rx, process_tx, Scratch, QUEUE_SIZE};
-use kestrel_vmm::vsock::{op, unix, Header, Muxer, MuxerConfig, HEADER_SIZE, HOST_CID};
+use kestrel_vmm::vsock::{
+    op, unix, Header, Muxer, MuxerConfig, DEFAULT_GUEST_CID, HEADER_SIZE, HOST_CID,
+};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -28,7 +32,6 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-const GUEST_CID: u64 = 3;
 const MEM_SIZE: u64 = 1 << 20;
 const RX_RING: u64 = 0;
 const TX_RING: u64 = 0x1_0000;
@@ -36,8 +39,6 @@ const TX_RING: u64 = 0x1_0000;
 const BUFS: u64 = 0x2_0000;
 /// A guest port a host program listens on (`<uds>_52`).
 const LISTENED_PORT: u32 = 52;
-/// Where the muxer numbers host-initiated connections from.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Chains per queue and input. The mock writes avail entries without
 /// wrapping, and lays its used ring out after only half of the avail
 /// entries a `QUEUE_SIZE` ring has: more chains would overwrite the used
@@ -57,7 +58,7 @@ enum Port {
 impl Port {
     fn get(&self) -> u32 {
         match self {
-            Port::Agent => 1024,
+            Port::Agent => AGENT_VSOCK_PORT,
             Port::Listened => LISTENED_PORT,
             Port::Local(n) => FIRST_LOCAL_PORT + u32::from(n % 4),
             Port::Small(n) => u32::from(*n),
@@ -254,7 +255,7 @@ impl Guest<'_> {
                 "payload {} in a {room}-byte buffer",
                 hdr.len
             );
-            assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID));
+            assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, DEFAULT_GUEST_CID));
             assert_eq!(hdr.type_, op::TYPE_STREAM);
         }
     }
@@ -269,7 +270,7 @@ fuzz_target!(|steps: Vec<Step>| {
     let txq = tx_mock.create_queue::<Queue>().expect("TX queue");
     let dir = tempfile::tempdir().expect("tempdir");
     let uds = dir.path().join("v.sock");
-    let muxer = Muxer::new(MuxerConfig::new(GUEST_CID, &uds)).expect("muxer");
+    let muxer = Muxer::new(MuxerConfig::new(DEFAULT_GUEST_CID, &uds)).expect("muxer");
     let listener = UnixListener::bind(unix::guest_target(&uds, LISTENED_PORT)).expect("bind");
     listener.set_nonblocking(true).expect("non-blocking");
     let mut hosts: Vec<UnixStream> = Vec::new();
@@ -306,8 +307,12 @@ fuzz_target!(|steps: Vec<Step>| {
             } => {
                 let data = &data[..data.len().min(8192)];
                 let hdr = Header {
-                    src_cid: if foreign_src { 7 } else { GUEST_CID },
-                    dst_cid: if foreign_dst { GUEST_CID } else { HOST_CID },
+                    src_cid: if foreign_src { 7 } else { DEFAULT_GUEST_CID },
+                    dst_cid: if foreign_dst {
+                        DEFAULT_GUEST_CID
+                    } else {
+                        HOST_CID
+                    },
                     src_port: guest_port.get(),
                     dst_port: host_port.get(),
                     len: (data.len() as u32).wrapping_add_signed(i32::from(len_lie)),

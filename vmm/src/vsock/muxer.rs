@@ -39,7 +39,7 @@ use super::{
 
 /// Host ports we give host-initiated connections start here, out of the
 /// way of well-known ports a guest might connect to.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How often deadlines are checked while any is pending.
 const TIMER_PERIOD: Duration = Duration::from_millis(500);
 /// At most one log line about refused connections per this long.
