@@ -6,21 +6,22 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
-# Needs cargo-fuzz (scripts/install-packages.sh installs it). cargo-fuzz
-# needs nightly-only compiler flags; RUSTC_BOOTSTRAP=1 lets the stable
-# toolchain take them, so no second toolchain is needed. New corpus entries
+# Installs cargo-fuzz (from crates.io) on first use. cargo-fuzz needs
+# nightly-only compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain
+# take them, so no second toolchain is needed. New corpus entries
 # go to fuzz/corpus/TARGET (not committed); fuzz/seeds/TARGET is read only.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
+export RUSTC_BOOTSTRAP=1
+cargo fuzz --version >/dev/null 2>&1 || cargo install --locked -q cargo-fuzz
 
 seconds=${1:-30}
 shift || true
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    mapfile -t targets < <(RUSTC_BOOTSTRAP=1 cargo fuzz list)
+    mapfile -t targets < <(cargo fuzz list)
 fi
-export RUSTC_BOOTSTRAP=1
 
 # Release with debug assertions (cargo-fuzz's default), AddressSanitizer.
 cargo fuzz build -O

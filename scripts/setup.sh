@@ -18,8 +18,6 @@ cargo build --workspace --locked
 # rust-vmm's vhost-user vsock backend: only the vsock benchmark uses it, to
 # compare with ours.
 command -v vhost-device-vsock >/dev/null || cargo install --locked -q vhost-device-vsock
-# scripts/fuzz.sh's cargo-fuzz (install-packages.sh ran before Rust was here).
-cargo fuzz --version >/dev/null 2>&1 || cargo install --locked -q cargo-fuzz
 # The agent runs as the guest's /init: it must be one static binary.
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --release --target x86_64-unknown-linux-gnu -p kestrel-agent
