@@ -179,11 +179,6 @@ fn quote_output(stdout: &str, stderr: &str) -> String {
 }
 
 impl HostHooks {
-    /// Whether this phase has hooks to run.
-    pub fn has(&self, phase: Phase) -> bool {
-        !self.list(phase).is_empty()
-    }
-
     fn list(&self, phase: Phase) -> &[Hook] {
         match phase {
             Phase::Prestart => &self.prestart,
