@@ -103,6 +103,41 @@ pub fn setup_guest() {
     if let Err(e) = setsid() {
         tracing::warn!(error = %e, "setsid");
     }
+    // The VM's network is the pod's: its containers reach each other on
+    // 127.0.0.1, which CNI's loopback plugin would bring up on a host.
+    if let Err(e) = loopback_up() {
+        tracing::warn!(error = %e, "bringing up lo");
+    }
+}
+
+/// Sets the loopback interface up (`ip link set lo up`).
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned
+    // (and closed) by `sock`.
+    let sock = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    // SAFETY: an all-zero ifreq is valid; the name fits in IFNAMSIZ.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure fds 0, 1 and 2 are open, so no pipe or socket the agent
