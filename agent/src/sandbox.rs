@@ -15,8 +15,9 @@ use kestrel_protocols::oci::LinuxResources;
 use tokio::sync::{mpsc, Notify};
 
 use crate::container::cgroup::Hierarchy;
+use crate::container::namespaces::PodNamespaces;
 use crate::container::process::Process;
-use crate::container::{checked_signal, Container};
+use crate::container::{checked_signal, Container, Pod};
 use crate::error::{validate_id, Error, Result};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::{copy_file, init};
@@ -42,6 +43,8 @@ pub struct Sandbox {
     /// True when the agent is the guest's PID 1; false in host mode.
     is_init: bool,
     containers: Mutex<HashMap<String, Slot>>,
+    /// The pod's IPC, UTS and PID namespaces: its first container's.
+    pod_namespaces: Mutex<Option<Arc<PodNamespaces>>>,
     /// The id given by CreateSandbox, once it has been called.
     sandbox_id: Mutex<Option<String>>,
     oom_tx: mpsc::UnboundedSender<String>,
@@ -58,6 +61,7 @@ impl Sandbox {
             shared_dir,
             is_init,
             containers: Mutex::new(HashMap::new()),
+            pod_namespaces: Mutex::new(None),
             sandbox_id: Mutex::new(None),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
@@ -164,12 +168,26 @@ impl Sandbox {
             slots.insert(id.to_string(), Slot::Creating);
         }
         let bundle = self.shared_dir.join(id);
-        let created =
-            Container::create(&self.reaper, &self.hierarchy, id, exec_id, spec, &bundle).await;
+        let pod_namespaces = self.pod_namespaces().clone();
+        let pod = Pod {
+            namespaces: pod_namespaces.as_deref(),
+            sandbox_pidns: req.sandbox_pidns,
+        };
+        let created = Container::create(
+            &self.reaper,
+            &self.hierarchy,
+            id,
+            exec_id,
+            spec,
+            &bundle,
+            pod,
+        )
+        .await;
         let mut slots = self.slots();
         match created {
             Ok(c) => {
                 let c = Arc::new(c);
+                self.adopt_pod_namespaces(&c);
                 self.watch_oom(&c);
                 slots.insert(id.to_string(), Slot::Ready(c));
                 tracing::info!(container_id = %id, "container created");
@@ -178,6 +196,31 @@ impl Sandbox {
             Err(e) => {
                 slots.remove(id);
                 Err(e)
+            }
+        }
+    }
+
+    fn pod_namespaces(&self) -> std::sync::MutexGuard<'_, Option<Arc<PodNamespaces>>> {
+        self.pod_namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pod's first container gives the pod its namespaces (Kata's
+    /// infra container rule).
+    /// If its init process is already gone, the next container tries again.
+    fn adopt_pod_namespaces(&self, c: &Container) {
+        let mut pod = self.pod_namespaces();
+        if pod.is_some() {
+            return;
+        }
+        match PodNamespaces::of(c.init.pid) {
+            Ok(namespaces) => {
+                tracing::info!(container_id = %c.id, pid = %c.init.pid, "the pod's namespaces are this container's");
+                *pod = Some(Arc::new(namespaces));
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %c.id, error = %e, "cannot hold the pod's namespaces");
             }
         }
     }

@@ -87,6 +87,10 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// The most memory a pod's VM may get, its limits included.
+    pub max_memory_mib: u32,
+    /// The most vCPUs a pod's VM may get.
+    pub max_vcpus: u8,
     /// Appended to the backend's own kernel command line.
     pub kernel_params: String,
     /// The QEMU binary: a path, or a name looked up on `PATH`.
@@ -156,6 +160,8 @@ impl Default for VmConfig {
             initrd: PathBuf::new(),
             memory_mib: VmShape::default().memory_mib,
             vcpus: VmShape::default().vcpus,
+            max_memory_mib: 8192,
+            max_vcpus: 8,
             kernel_params: String::new(),
             qemu: "qemu-system-x86_64".into(),
             cloud_hypervisor: "cloud-hypervisor".into(),
@@ -284,6 +290,18 @@ impl Config {
         if !self.sandbox.state_dir.is_absolute() {
             return invalid("sandbox.state_dir", "must be an absolute path".into());
         }
+        let root_len = self.sandbox.state_dir.as_os_str().len();
+        let max_root = kestrel_hypervisor::state_dir::max_root_len();
+        if root_len > max_root {
+            return invalid(
+                "sandbox.state_dir",
+                format!(
+                    "{} is {root_len} bytes long; a sandbox's sockets below it would be longer than a unix socket path may be ({} bytes): use a directory of at most {max_root} bytes",
+                    self.sandbox.state_dir.display(),
+                    kestrel_hypervisor::state_dir::MAX_SOCKET_PATH_LEN,
+                ),
+            );
+        }
         if !LOG_LEVELS.contains(&self.sandbox.agent_log_level.as_str()) {
             return invalid(
                 "sandbox.agent_log_level",
@@ -351,6 +369,23 @@ impl Config {
                 return invalid("vm.memory_mib", e.to_string())
             }
             Err(e @ ShapeError::Vcpus(_)) => return invalid("vm.vcpus", e.to_string()),
+        }
+        let most = VmShape {
+            memory_mib: vm.max_memory_mib,
+            vcpus: vm.max_vcpus,
+        };
+        match most.check() {
+            Err(e @ ShapeError::Vcpus(_)) => return invalid("vm.max_vcpus", e.to_string()),
+            _ if vm.max_vcpus < vm.vcpus => {
+                return invalid("vm.max_vcpus", "must not be smaller than vm.vcpus".into())
+            }
+            _ if vm.max_memory_mib < vm.memory_mib => {
+                return invalid(
+                    "vm.max_memory_mib",
+                    "must not be smaller than vm.memory_mib".into(),
+                )
+            }
+            _ => {}
         }
         for (key, program) in [
             ("vm.qemu", &vm.qemu),
@@ -526,6 +561,19 @@ mod tests {
     fn a_configured_vmm_that_does_not_exist_is_not_found() {
         let config = parse("[vm]\nvmm = \"/nonexistent/kestrel-vmm\"\n").unwrap();
         assert_eq!(config.vm.vmm_binary(), None);
+    }
+
+    #[test]
+    fn a_state_dir_too_long_for_socket_paths_is_refused_naming_its_length() {
+        let max = kestrel_hypervisor::state_dir::max_root_len();
+        let fits = format!("/{}", "s".repeat(max - 1));
+        parse(&format!("[sandbox]\nstate_dir = \"{fits}\"\n")).unwrap();
+        let long = format!("/{}", "s".repeat(max));
+        let err = parse(&format!("[sandbox]\nstate_dir = \"{long}\"\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("sandbox.state_dir"), "{text}");
+        assert!(text.contains(&format!("{} bytes long", max + 1)), "{text}");
+        assert!(text.contains(&format!("at most {max} bytes")), "{text}");
     }
 
     #[test]

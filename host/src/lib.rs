@@ -10,6 +10,7 @@ pub mod dial;
 pub mod hooks;
 pub mod lifecycle;
 pub mod oci;
+pub mod pod;
 pub mod rootfs;
 pub mod sandbox;
 pub mod shim;

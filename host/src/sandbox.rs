@@ -94,24 +94,47 @@ fn backend(id: &str, config: &Config) -> Result<Box<dyn Hypervisor>, SandboxErro
 }
 
 /// Where a sandbox keeps its files: one directory below the configured
-/// state directory, so the id must pass the shared id rule first.
+/// state directory, named after the id (shortened when long, so its
+/// sockets fit a unix address), so the id must pass the shared id rule
+/// first.
 pub fn state_dir(config: &Config, id: &str) -> Result<PathBuf, SandboxError> {
     kestrel_protocols::id::validate("sandbox id", id)?;
-    Ok(config.sandbox.state_dir.join(id))
+    Ok(config
+        .sandbox
+        .state_dir
+        .join(kestrel_hypervisor::state_dir::dir_name(id)))
+}
+
+/// What a sandbox's first container asks of the sandbox (see `pod.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxRequest {
+    /// The VM's size; `None`: the configured `[vm]` shape.
+    pub shape: Option<kestrel_hypervisor::VmShape>,
+    /// The pod's network namespace on the host.
+    pub netns: Option<PathBuf>,
 }
 
 impl Sandbox {
     /// Starts the guest and connects to its agent. On any failure the guest
     /// is stopped and its state directory removed: nothing is left behind.
-    pub async fn start(id: &str, config: &Config) -> Result<Arc<Sandbox>, SandboxError> {
+    pub async fn start(
+        id: &str,
+        config: &Config,
+        request: &SandboxRequest,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
         let state_dir = state_dir(config, id)?;
         let mut hypervisor = backend(id, config)?;
+        let mut vm = config.vm_spec();
+        if let Some(shape) = request.shape {
+            vm.shape = shape;
+        }
         let spec = SandboxSpec {
             id: id.into(),
             state_dir: state_dir.clone(),
             agent_path: config.sandbox.agent_path.clone(),
             agent_log_level: config.sandbox.agent_log_level.clone(),
-            vm: Some(config.vm_spec()),
+            vm: Some(vm),
+            netns: request.netns.clone(),
         };
         let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
         let hv_err = |source| SandboxError::Hypervisor {
@@ -168,6 +191,11 @@ impl Sandbox {
     }
 
     /// The directory this sandbox keeps its files in (removed when it stops).
+    /// How long a container or the guest gets to stop before it is killed.
+    pub fn stop_grace(&self) -> Duration {
+        self.stop_grace
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
@@ -278,6 +306,12 @@ fn write_record(dir: &Path, record: &SandboxRecord) -> Result<(), SandboxError> 
         .map_err(|e| fail(format!("renaming {}: {e}", tmp.display())))
 }
 
+/// The record in a sandbox's directory, if it has a readable one.
+fn read_record(dir: &Path) -> Option<SandboxRecord> {
+    let bytes = std::fs::read(dir.join(RECORD)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// Cleans up a sandbox whose runtime is gone: kills its guest process if
 /// it is still the one recorded, and removes its state directory (only if
 /// the runtime made it). Returns what was found, `None` if there was no
@@ -386,7 +420,11 @@ pub fn all_health(config: &Config) -> Vec<(String, Health)> {
         .filter_map(Result::ok)
         .filter(|e| kestrel_hypervisor::state_dir::is_ours(&e.path()))
         .filter_map(|e| {
-            let id = e.file_name().into_string().ok()?;
+            // A long id's directory has a shortened name; its record has
+            // the id.
+            let id = read_record(&e.path())
+                .map(|r| r.id)
+                .or_else(|| e.file_name().into_string().ok())?;
             Some((id, health_in(&e.path())))
         })
         .collect();

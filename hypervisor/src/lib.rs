@@ -42,6 +42,10 @@ pub struct SandboxSpec {
     /// The guest VM's shape; VM backends refuse a spec without one, the
     /// process backend ignores it.
     pub vm: Option<VmSpec>,
+    /// The network namespace on the host that the pod's network lives in
+    /// (a CRI pod's CNI namespace). The process backend runs its agent in
+    /// it, so a pod on the host gets the pod's network and never the host's.
+    pub netns: Option<PathBuf>,
 }
 
 /// What a VM backend boots: our guest image and the VM's size.

@@ -6,6 +6,15 @@
 //! removal does not rely on that alone: [`create`] leaves a marker in the
 //! directory and [`remove`] deletes only a directory that carries it, so a
 //! path that reaches it by any other route is refused, not wiped.
+//!
+//! The sockets a sandbox needs (the agent's, the hybrid vsock, QEMU's
+//! vhost-user backends, Cloud Hypervisor's API) live in that directory, and a
+//! unix socket's path holds at most [`MAX_SOCKET_PATH_LEN`] bytes. CRI's ids
+//! are 64 characters and ours may be 128, so the directory is not named by
+//! the id alone: [`dir_name`] keeps it at most [`MAX_DIR_NAME_LEN`] bytes,
+//! socket names stay within [`MAX_SOCKET_NAME_LEN`], and a state root of at
+//! most [`max_root_len`] bytes (checked when the configuration loads) then
+//! fits every socket of every sandbox.
 
 use std::path::Path;
 
@@ -13,6 +22,37 @@ use crate::Error;
 
 /// The file [`create`] writes and [`remove`] looks for.
 pub const MARKER: &str = ".kestrel-sandbox";
+
+/// The most a unix socket's path may hold (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+/// The longest name [`dir_name`] gives a sandbox's directory.
+pub const MAX_DIR_NAME_LEN: usize = 32;
+/// The longest file name of a socket in a sandbox's directory, a hybrid
+/// vsock's `<socket>_<port>` included.
+pub const MAX_SOCKET_NAME_LEN: usize = 16;
+/// How many of the id's characters a shortened directory name keeps.
+const KEPT_PREFIX: usize = MAX_DIR_NAME_LEN - 17;
+
+/// The longest state root (the directory holding every sandbox's
+/// directory) whose sockets all fit a unix socket address.
+pub const fn max_root_len() -> usize {
+    MAX_SOCKET_PATH_LEN - 1 - MAX_DIR_NAME_LEN - 1 - MAX_SOCKET_NAME_LEN
+}
+
+/// The name of the directory of sandbox `id`: the id itself when it is at
+/// most [`MAX_DIR_NAME_LEN`] bytes, else its first characters, `-` and a
+/// 64-bit FNV-1a hash of the whole id in hex, so it stays recognisable and
+/// distinct. The id must already have passed the shared id rule (ASCII).
+pub fn dir_name(id: &str) -> String {
+    if id.len() <= MAX_DIR_NAME_LEN {
+        return id.to_string();
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let prefix: String = id.chars().take(KEPT_PREFIX).collect();
+    format!("{prefix}-{hash:016x}")
+}
 
 /// Creates `dir` (and its parents) and marks it as ours. An existing
 /// directory is reused only if it carries the marker already.
@@ -74,6 +114,19 @@ pub fn is_ours(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_ids_name_their_directory_and_long_ones_are_shortened_distinctly() {
+        assert_eq!(dir_name("web-1"), "web-1");
+        let cri = "4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f";
+        let other = "4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e50";
+        let (a, b) = (dir_name(cri), dir_name(other));
+        assert_eq!(a.len(), MAX_DIR_NAME_LEN);
+        assert!(a.starts_with("4e5f6a7b8c9d0e1-"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, dir_name(cri), "the name is a function of the id");
+        assert_eq!(dir_name(&"x".repeat(128)).len(), MAX_DIR_NAME_LEN);
+    }
 
     #[test]
     fn a_directory_we_made_is_removed_with_its_contents() {

@@ -388,6 +388,7 @@ async fn boot(
             shape: SHAPE,
             kernel_params: String::new(),
         }),
+        netns: None,
     };
     let mut hv = launcher(setup.vmm, binaries);
     hv.prepare(&spec)

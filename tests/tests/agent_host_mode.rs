@@ -873,3 +873,75 @@ async fn a_create_container_hook_past_its_timeout_fails_create_and_leaves_nothin
     let (out, _, status) = run(&client, "hookslow", spec(&rootfs, &["echo", "fine"])).await;
     assert_eq!((out.as_str(), status), ("fine\n", 0));
 }
+
+/// The namespace paths a CRI app container carries name the pause
+/// container's namespaces on the host; the agent gives the container its
+/// pod's (the first container's) instead, and never joins the host path.
+#[tokio::test]
+async fn host_namespace_paths_become_the_pods_namespaces() {
+    require!("host_namespace_paths_become_the_pods_namespaces");
+    let (_agent, client, rootfs) = setup().await;
+    let show = "hostname; for n in ipc pid uts net; do readlink /proc/self/ns/$n; done";
+    let mut pause = spec(&rootfs, &["sleep", "1000"]);
+    pause.Hostname = "pod-1".into();
+    create(&client, "pause", pause).await;
+    start(&client, "pause").await;
+    exec(&client, "pause", "look", &["sh", "-c", show], false)
+        .await
+        .unwrap();
+    let pods = String::from_utf8(read_all(&client, "pause", "look", false).await).unwrap();
+
+    let mut app = spec(&rootfs, &["sh", "-c", show]);
+    app.Hostname.clear();
+    let bogus = "/proc/999999999/ns";
+    for ns in app.Linux.mut_or_insert_default().Namespaces.iter_mut() {
+        match ns.Type.as_str() {
+            "ipc" | "uts" | "pid" => ns.Path = format!("{bogus}/{}", ns.Type),
+            _ => {}
+        }
+    }
+    let mut net = oci::LinuxNamespace::new();
+    net.Type = "network".into();
+    net.Path = "/var/run/netns/cni-not-on-this-host".into();
+    app.Linux.mut_or_insert_default().Namespaces.push(net);
+    let (apps, err, status) = run(&client, "app", app).await;
+    assert_eq!(status, 0, "{apps}{err}");
+    assert_eq!(apps, pods, "the app container is in the pod's namespaces");
+    assert!(pods.starts_with("pod-1\n"), "{pods}");
+    let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert!(
+        apps.trim_end().ends_with(&*host_net.to_string_lossy()),
+        "a network path is the agent's (the VM's) network: {apps}"
+    );
+
+    let mut alone = spec(&rootfs, &["sh", "-c", show]);
+    alone.Hostname = "own".into();
+    let (own, _, _) = run(&client, "alone", alone).await;
+    assert_ne!(
+        own.lines().nth(1),
+        pods.lines().nth(1),
+        "no path: its own IPC namespace"
+    );
+    assert!(own.starts_with("own\n"), "{own}");
+    remove(&client, "pause").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hostname_without_a_private_uts_namespace_is_refused() {
+    require!("a_hostname_without_a_private_uts_namespace_is_refused");
+    let (_agent, client, rootfs) = setup().await;
+    let mut s = spec(&rootfs, &["true"]);
+    s.Linux
+        .mut_or_insert_default()
+        .Namespaces
+        .retain(|ns| ns.Type != "uts");
+    let err = client
+        .create_container(prompt(), &create_request("nouts", s))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::INVALID_ARGUMENT);
+    assert!(
+        format!("{err:?}").contains("private UTS namespace"),
+        "{err:?}"
+    );
+}

@@ -1100,9 +1100,9 @@ fn idle_hybrid_socket_connections_do_not_lock_out_exec_or_agent_check_in_a_qemu_
         .expect("sandboxes dir")
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.join("vsock.sock").exists())
+        .find(|p| p.join("vsock").exists())
         .expect("a sandbox with a hybrid vsock socket");
-    let socket = sandbox.join("vsock.sock");
+    let socket = sandbox.join("vsock");
 
     // 1100 client sockets and the CLI's own: more than a default soft limit.
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)

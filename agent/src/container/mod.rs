@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod console;
 pub mod hooks;
 pub mod lsm;
+pub mod namespaces;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
@@ -24,8 +25,19 @@ use nix::sched::CloneFlags;
 use crate::error::{validate_id, Error, Result};
 use crate::reaper::Reaper;
 use cgroup::{Cgroup, Hierarchy};
+use namespaces::{Plan, PodNamespaces};
 use process::{launch, Control, Launch, Process};
 use spec::{Role, SetupConfig};
+
+/// What a new container shares with its pod.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pod<'a> {
+    /// The pod's namespaces; `None` while the pod has no container yet.
+    pub namespaces: Option<&'a PodNamespaces>,
+    /// CreateContainer's `sandbox_pidns`: the pod's PID namespace, whatever
+    /// the spec says.
+    pub sandbox_pidns: bool,
+}
 
 /// Where a container is between creation and removal. Stopped is not a
 /// phase: it is whenever the init process has an exit status.
@@ -59,8 +71,9 @@ impl Container {
         exec_id: &str,
         spec: &oci::Spec,
         bundle_dir: &Path,
+        pod: Pod<'_>,
     ) -> Result<Container> {
-        let flags = spec::clone_flags(spec)?;
+        let plan = Plan::from_spec(spec, pod.sandbox_pidns)?;
         let mut process = spec::process_config(spec.Process.as_ref(), "OCI spec")?;
         let seccomp = spec
             .Linux
@@ -71,6 +84,12 @@ impl Container {
         process.seccomp = seccomp.clone();
         lsm::warn_unenforced(id, spec);
         let mut rootfs = spec::rootfs_config(spec, bundle_dir)?;
+        if let (Some(name), false) = (&rootfs.hostname, plan.private_uts) {
+            return Err(Error::invalid(format!(
+                "hostname {name:?} needs a private UTS namespace: linux.namespaces has no uts entry"
+            )));
+        }
+        let (flags, join) = plan.resolve(pod.namespaces);
         let hooks = hooks::from_spec(spec, id, bundle_dir)?;
         let cgroup_path = match spec.Linux.CgroupsPath.as_str() {
             // systemd-style "slice:prefix:name" paths need systemd; use ours.
@@ -91,6 +110,7 @@ impl Container {
                 exec_id,
                 config: &config,
                 flags,
+                join: &join,
                 cgroup: &cgroup,
             },
         )
@@ -197,6 +217,7 @@ impl Container {
                 exec_id,
                 config: &config,
                 flags: CloneFlags::empty(),
+                join: &[],
                 cgroup: &self.cgroup,
             },
         )

@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 
 use super::cgroup::Cgroup;
 use super::console::{ConsoleSocket, CONSOLE_FD};
+use super::namespaces::{with_joined, Join};
 use super::setup::{CONTROL_FD, SETUP_ARG};
 use super::spec::SetupConfig;
 use crate::error::{Error, Result};
@@ -120,6 +121,8 @@ pub struct Launch<'a> {
     pub exec_id: &'a str,
     pub config: &'a SetupConfig,
     pub flags: CloneFlags,
+    /// The pod's namespaces to enter before cloning (see `namespaces.rs`).
+    pub join: &'a [Join<'a>],
     pub cgroup: &'a Cgroup,
 }
 
@@ -139,13 +142,15 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
         ConsoleSocket::pair().map_err(|e| Error::internal("starting a container process", e))?;
     let (agent_end, helper_end) =
         StdUnixStream::pair().map_err(|e| Error::internal("socketpair", e))?;
-    let (helper_pid, helper_exit) = clone_helper(
-        reaper,
-        launch.flags,
-        &child_stdio,
-        helper_end.into(),
-        console_helper_end,
-    )?;
+    let (helper_pid, helper_exit) = with_joined(launch.join, || {
+        clone_helper(
+            reaper,
+            launch.flags,
+            &child_stdio,
+            helper_end.into(),
+            console_helper_end,
+        )
+    })?;
     drop(child_stdio);
 
     let kill_helper = |e: Error| {

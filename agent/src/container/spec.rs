@@ -8,7 +8,6 @@ use std::path::{Component, Path, PathBuf};
 
 use kestrel_protocols::oci;
 use nix::mount::MsFlags;
-use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use super::capabilities::Capabilities;
@@ -98,39 +97,6 @@ impl MountConfig {
     pub fn is_bind(&self) -> bool {
         self.ms_flags().contains(MsFlags::MS_BIND)
     }
-}
-
-/// The namespaces the container's init process is cloned into. Mount, PID,
-/// UTS and IPC are always new; network is new when the spec asks. A cgroup
-/// namespace is made later, by the helper (see [`wants_cgroup_namespace`]).
-pub fn clone_flags(spec: &oci::Spec) -> Result<CloneFlags> {
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
-    for ns in spec.Linux.Namespaces.iter() {
-        if !ns.Path.is_empty() {
-            return Err(Error::Unimplemented(format!(
-                "joining an existing {} namespace ({}) is not supported",
-                ns.Type, ns.Path
-            )));
-        }
-        match ns.Type.as_str() {
-            "mount" | "pid" | "uts" | "ipc" | "cgroup" => {}
-            "network" => flags |= CloneFlags::CLONE_NEWNET,
-            "user" => {
-                return Err(Error::Unimplemented(
-                    "user namespaces are not supported".into(),
-                ))
-            }
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown namespace type {other:?} in linux.namespaces"
-                )))
-            }
-        }
-    }
-    Ok(flags)
 }
 
 /// Whether the spec asks for a new cgroup namespace. The helper creates it
@@ -493,14 +459,5 @@ mod tests {
         p.ConsoleSize.mut_or_insert_default().Width = 70_000;
         let err = process_config(Some(&p), "spec").unwrap_err();
         assert!(err.to_string().contains("consoleSize.width 70000"), "{err}");
-    }
-
-    #[test]
-    fn user_namespace_is_unimplemented() {
-        let mut spec = oci::Spec::new();
-        let mut ns = oci::LinuxNamespace::new();
-        ns.Type = "user".into();
-        spec.Linux.mut_or_insert_default().Namespaces.push(ns);
-        assert!(matches!(clone_flags(&spec), Err(Error::Unimplemented(_))));
     }
 }

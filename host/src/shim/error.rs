@@ -7,10 +7,12 @@ use kestrel_protocols::ttrpc::Code;
 
 use super::mount::MountError;
 use crate::agent_client::AgentError;
+use crate::config::ConfigError;
 use crate::hooks::HookError;
 use crate::lifecycle::registry::RegistryError;
 use crate::lifecycle::state::IllegalTransition;
 use crate::oci::SpecError;
+use crate::pod::SizingError;
 use crate::rootfs::RootfsError;
 use crate::sandbox::SandboxError;
 
@@ -28,6 +30,12 @@ pub enum ShimError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Mount(#[from] Box<MountError>),
+    /// The configuration file the runtime options name.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// What a pod asks of its VM.
+    #[error(transparent)]
+    Sizing(#[from] SizingError),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error(transparent)]
@@ -84,6 +92,8 @@ impl ShimError {
             // that does not mount, FIFOs that do not open: a bad request.
             | ShimError::Spec(_)
             | ShimError::Mount(_)
+            | ShimError::Config(_)
+            | ShimError::Sizing(_)
             | ShimError::Stdio { .. } => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition(_)
             | ShimError::Transition(_)

@@ -3,7 +3,7 @@
 //! for everything in it, and the relister for any death those two missed
 //! (a WaitProcess lost with a dropped vsock connection, say).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,11 +11,14 @@ use super::error::Result;
 use super::pool::Running;
 use super::relist_view::AgentView;
 use super::service::{Runtime, SANDBOX_DIED_STATUS};
+use crate::config::Config;
 use crate::lifecycle::events::{Event, EventStream};
 use crate::lifecycle::registry::{Container, Process};
 use crate::lifecycle::relist::{self, LifecycleEvent, RelistConfig, Relister};
 use crate::lifecycle::state::{Exit, Phase, Transition};
-use crate::sandbox::Sandbox;
+use crate::pod;
+use crate::sandbox::{Sandbox, SandboxRequest};
+use kestrel_protocols::oci;
 
 /// How long a process's outputs may stay open after it exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
@@ -31,16 +34,32 @@ const DEATH_NOTICE: Duration = Duration::from_secs(2);
 impl Runtime {
     /// The sandbox `id`, booted on first use with its watchers: the
     /// guest's death, OOM events and the relister.
-    pub(super) async fn ensure_sandbox(self: &Arc<Self>, id: &str) -> Result<Arc<Sandbox>> {
+    /// The sandbox `id`, started for its first container, whose `spec` says
+    /// what the sandbox should be (see `pod.rs`) and whose runtime options
+    /// may name the configuration file (`config_path`) it runs with.
+    pub(super) async fn ensure_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        config_path: Option<&Path>,
+        spec: &oci::Spec,
+    ) -> Result<Arc<Sandbox>> {
         let running = self
             .sandboxes
             .get_or_start(id, || async {
-                let sandbox = Sandbox::start(id, &self.config).await?;
+                let config = match config_path {
+                    Some(path) => &Config::from_file(path)?,
+                    None => &self.config,
+                };
+                let request = SandboxRequest {
+                    shape: Some(pod::vm_shape(spec, &config.vm)?),
+                    netns: pod::network_namespace(spec),
+                };
+                let sandbox = Sandbox::start(id, config, &request).await?;
                 let relister = Arc::new(Relister::new(
                     AgentView::new(Arc::downgrade(self), Arc::clone(&sandbox)),
                     RelistConfig {
-                        period: self.config.lifecycle.relist_period(),
-                        unhealthy_after: self.config.lifecycle.relist_unhealthy_after(),
+                        period: config.lifecycle.relist_period(),
+                        unhealthy_after: config.lifecycle.relist_unhealthy_after(),
                     },
                     self.relist_events(),
                 ));
@@ -51,7 +70,7 @@ impl Runtime {
                     tokio::spawn(publish_health(
                         Arc::clone(&relister),
                         sandbox.state_dir().join(relist::HEALTH_FILE),
-                        self.config.lifecycle.relist_period(),
+                        config.lifecycle.relist_period(),
                     )),
                 ];
                 Ok(Running::new(sandbox, relister, watchers))

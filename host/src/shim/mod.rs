@@ -28,6 +28,7 @@ pub mod mount;
 mod pool;
 pub mod publish;
 mod relist_view;
+mod runtime_options;
 pub mod service;
 pub mod stdio;
 pub mod task;
@@ -165,7 +166,7 @@ async fn start(flags: &Flags) -> anyhow::Result<()> {
 /// still there, unmount the rootfs, and report the container as killed.
 fn delete(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags);
-    let config = Config::load().unwrap_or_else(|e| {
+    let config = config_of_bundle(&bundle).unwrap_or_else(|e| {
         eprintln!(
             "containerd-shim-kestrel-v2: {}; cleaning up with the defaults",
             crate::error_chain(&e)
@@ -194,6 +195,20 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().write_all(&response.write_to_bytes()?)?;
     Ok(())
+}
+
+/// The file in a bundle that names the configuration its Create's runtime
+/// options gave (`ConfigPath`), for the `delete` action, which gets no
+/// options but must find the sandbox where that configuration put it.
+pub const CONFIG_PATH_FILE: &str = "kestrel-config-path";
+
+/// The configuration a container's sandbox ran with: the one its runtime
+/// options named, else the default one.
+fn config_of_bundle(bundle: &Path) -> Result<Config, crate::config::ConfigError> {
+    match std::fs::read_to_string(bundle.join(CONFIG_PATH_FILE)) {
+        Ok(path) => Config::from_file(Path::new(path.trim())),
+        Err(_) => Config::load(),
+    }
 }
 
 /// Whether the shim server whose address `start` wrote in the bundle still

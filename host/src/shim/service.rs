@@ -47,6 +47,9 @@ pub(super) const KILLED_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// CreateTaskRequest the runtime uses).
 #[derive(Debug, Clone, Default)]
 pub struct CreateParams {
+    /// The runtime options' `ConfigPath`: the configuration of the
+    /// sandbox this container starts, if it is the first.
+    pub config_path: Option<PathBuf>,
     pub id: String,
     pub bundle: PathBuf,
     /// Mounts that make up the rootfs, mounted at `<bundle>/rootfs`.
@@ -176,6 +179,11 @@ impl Runtime {
         spec: &mut oci::Spec,
     ) -> Result<(u32, Arc<Sandbox>)> {
         let id = &container.id;
+        if let Some(path) = &params.config_path {
+            let file = params.bundle.join(super::CONFIG_PATH_FILE);
+            std::fs::write(&file, path.as_os_str().as_encoded_bytes())
+                .map_err(|e| ShimError::Internal(format!("writing {}: {e}", file.display())))?;
+        }
         let root = resolve_root(&params.bundle, spec);
         if !params.rootfs.is_empty() {
             let mounted = MountedRootfs::mount(&params.rootfs, &params.bundle.join("rootfs"))
@@ -185,7 +193,9 @@ impl Runtime {
         } else {
             spec.Root.mut_or_insert_default().Path = root.display().to_string();
         }
-        let sandbox = self.ensure_sandbox(&container.sandbox_id).await?;
+        let sandbox = self
+            .ensure_sandbox(&container.sandbox_id, params.config_path.as_deref(), spec)
+            .await?;
         // The runtime environment exists (the VM, the rootfs at the
         // bundle); nothing of the container is in the guest yet. Here,
         // rather than after CreateContainer, so that the order of the

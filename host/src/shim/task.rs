@@ -22,6 +22,7 @@ use containerd_shim_protos::types::task::{ProcessInfo, Status};
 
 use super::error::ShimError;
 use super::mount::RootfsMount;
+use super::runtime_options;
 use super::service::{CreateParams, ProcessStatus, Runtime};
 use crate::lifecycle::registry::Stdio;
 use crate::lifecycle::state::{Exit, Phase};
@@ -173,7 +174,10 @@ impl Task for TaskService {
                 ShimError::Unimplemented("restoring from a checkpoint is not supported".into()),
             ));
         }
+        let config_path = runtime_options::config_path(req.options.as_ref())
+            .map_err(|e| status("Create", ShimError::InvalidArgument(e.to_string())))?;
         let params = CreateParams {
+            config_path,
             id: req.id,
             bundle: PathBuf::from(req.bundle),
             rootfs: req

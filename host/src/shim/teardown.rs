@@ -5,7 +5,6 @@
 //! container uses it any more.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kestrel_protocols::ttrpc::Code;
 
@@ -113,8 +112,11 @@ impl Runtime {
             .get(&container.sandbox_id)
             .map(|running| Arc::clone(&running.sandbox));
         if let Some(sandbox) = sandbox.filter(|s| !s.is_dead()) {
-            let grace = Duration::from_millis(self.config.sandbox.stop_grace_ms);
-            match sandbox.agent().remove_container(id, grace).await {
+            match sandbox
+                .agent()
+                .remove_container(id, sandbox.stop_grace())
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(Code::NOT_FOUND) => {}
                 // A lost connection: if the guest is dying, there is nothing left to remove.

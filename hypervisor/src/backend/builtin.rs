@@ -116,6 +116,7 @@ mod tests {
                 },
                 kernel_params: "debug".into(),
             }),
+            netns: None,
         }
     }
 
@@ -147,7 +148,7 @@ mod tests {
                 "--vcpus",
                 "2",
                 "--vsock-uds",
-                "/run/x/sb/vsock.sock",
+                "/run/x/sb/vsock",
                 "--serial",
                 "/run/x/sb/console.log",
                 "--log-level",
@@ -192,7 +193,7 @@ mod tests {
         backend.prepare(&spec).await.unwrap();
         assert_eq!(
             backend.agent_address().unwrap(),
-            format!("hvsock://{}/sb/vsock.sock:1024", dir.path().display())
+            format!("hvsock://{}/sb/vsock:1024", dir.path().display())
         );
     }
 }

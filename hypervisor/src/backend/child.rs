@@ -3,6 +3,7 @@
 //! its own process group with its output in a log and its exit watched.
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
@@ -88,25 +89,56 @@ impl Child {
 
     /// Starts `argv` with stdout and stderr in `log`.
     pub fn spawn(&self, sandbox_id: &str, argv: &[OsString], log: &Path) -> Result<(), Error> {
+        self.spawn_in(sandbox_id, argv, log, None)
+    }
+
+    /// [`Child::spawn`], with the program in the network namespace `netns`
+    /// (a file such as `/var/run/netns/cni-…`) when one is given.
+    pub fn spawn_in(
+        &self,
+        sandbox_id: &str,
+        argv: &[OsString],
+        log: &Path,
+        netns: Option<&Path>,
+    ) -> Result<(), Error> {
         if self.pid().is_some() {
             return Err(Error::AlreadyStarted(self.name, "start"));
         }
+        let netns = netns
+            .map(|path| {
+                std::fs::File::open(path).map_err(|source| Error::Io {
+                    what: "opening the pod's network namespace",
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })
+            .transpose()?;
         let out = std::fs::File::create(log).map_err(io_err("creating", log))?;
         let err = out.try_clone().map_err(io_err("duplicating", log))?;
         tracing::info!(sandbox_id, command = ?argv, "starting {}", self.name);
-        let mut child = Command::new(&argv[0])
+        let mut command = Command::new(&argv[0]);
+        command
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             // Its own process group: a Ctrl-C meant for whoever started the
             // runtime must not take the sandbox down behind its back.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                what: format!("{} {}", self.name, Path::new(&argv[0]).display()),
-                source,
-            })?;
+            .process_group(0);
+        if let Some(netns) = netns {
+            // SAFETY: setns(2) is async-signal-safe; the closure only reads
+            // a descriptor opened before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|source| Error::Spawn {
+            what: format!("{} {}", self.name, Path::new(&argv[0]).display()),
+            source,
+        })?;
         *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
         let _ = self.sandbox_id.set(sandbox_id.to_string());
         let exit_tx = self.exit_tx.clone();
@@ -193,7 +225,7 @@ pub(crate) const AGENT_PORT: u32 = kestrel_protocols::AGENT_VSOCK_PORT;
 /// The hybrid vsock socket of a VM sandbox: the host's side of the guest's
 /// vsock device, in the sandbox's state directory.
 pub(crate) fn vsock_socket(state_dir: &Path) -> PathBuf {
-    state_dir.join("vsock.sock")
+    state_dir.join("vsock")
 }
 
 /// A sandbox whose guest one VMM process runs, its agent reached through

@@ -45,7 +45,7 @@ impl CloudHypervisor {
 }
 
 /// Cloud Hypervisor's REST API socket.
-fn api_socket(state_dir: &Path) -> PathBuf {
+pub(crate) fn api_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("ch-api.sock")
 }
 
@@ -196,6 +196,7 @@ mod tests {
             agent_path: "/unused/kestrel-agent".into(),
             agent_log_level: "info".into(),
             vm: Some(vm(dir)),
+            netns: None,
         }
     }
 
@@ -247,7 +248,7 @@ mod tests {
                 "--cpus",
                 "boot=2",
                 "--vsock",
-                "cid=3,socket=/run/k/sb/vsock.sock",
+                "cid=3,socket=/run/k/sb/vsock",
                 "--api-socket",
                 "path=/run/k/sb/ch-api.sock",
                 "--serial",
@@ -344,7 +345,7 @@ mod tests {
         backend.prepare(&spec(dir.path())).await.unwrap();
         assert_eq!(
             backend.agent_address().unwrap(),
-            format!("hvsock://{}/sb/vsock.sock:1024", dir.path().display())
+            format!("hvsock://{}/sb/vsock:1024", dir.path().display())
         );
         assert!(dir.path().join("sb").is_dir());
     }

@@ -129,6 +129,31 @@ impl std::fmt::Display for Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state_dir::{dir_name, max_root_len, MAX_SOCKET_NAME_LEN, MAX_SOCKET_PATH_LEN};
+    use std::path::Path;
+
+    #[test]
+    fn every_socket_of_a_sandbox_fits_a_unix_address_under_the_longest_root() {
+        let root = Path::new("/").join("r".repeat(max_root_len() - 1));
+        let dir = root.join(dir_name(&"c".repeat(kestrel_protocols::id::MAX_ID_LEN)));
+        let guest_initiated = format!("{}_{}", child::vsock_socket(&dir).display(), u32::MAX);
+        let sockets = [
+            child::vsock_socket(&dir),
+            guest_initiated.into(),
+            process::Process::socket_path(&dir),
+            qemu::vhost_user_socket(&dir),
+            cloud_hypervisor::api_socket(&dir),
+        ];
+        for socket in sockets {
+            let name = socket.file_name().unwrap().len();
+            assert!(name <= MAX_SOCKET_NAME_LEN, "{}", socket.display());
+            assert!(
+                socket.as_os_str().len() <= MAX_SOCKET_PATH_LEN,
+                "{}",
+                socket.display()
+            );
+        }
+    }
 
     #[test]
     fn names_round_trip_and_unknown_names_are_none() {

@@ -38,7 +38,7 @@ impl Process {
         }
     }
 
-    fn socket_path(state_dir: &Path) -> PathBuf {
+    pub(crate) fn socket_path(state_dir: &Path) -> PathBuf {
         state_dir.join("agent.sock")
     }
 }
@@ -83,8 +83,12 @@ impl Hypervisor for Process {
             "--log-level".into(),
             spec.agent_log_level.clone().into(),
         ];
-        self.agent
-            .spawn(&spec.id, &argv, &spec.state_dir.join("agent.log"))
+        self.agent.spawn_in(
+            &spec.id,
+            &argv,
+            &spec.state_dir.join("agent.log"),
+            spec.netns.as_deref(),
+        )
     }
 
     fn agent_address(&self) -> Option<String> {
@@ -128,6 +132,7 @@ mod tests {
             agent_path: agent.to_path_buf(),
             agent_log_level: "info".into(),
             vm: None,
+            netns: None,
         }
     }
 

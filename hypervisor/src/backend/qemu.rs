@@ -84,7 +84,7 @@ impl Qemu {
     }
 }
 
-fn vhost_user_socket(state_dir: &Path) -> PathBuf {
+pub(crate) fn vhost_user_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("vhost-user.sock")
 }
 
@@ -348,6 +348,7 @@ mod tests {
             agent_path: "/unused".into(),
             agent_log_level: "info".into(),
             vm: Some(vm.clone()),
+            netns: None,
         };
         let p = Prepared {
             spec,
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(
             strings(backend_command(&p)).join(" "),
             "/bin/kestrel-vmm vhost-user-vsock --socket /s/sb/vhost-user.sock \
-             --uds /s/sb/vsock.sock --log-level info"
+             --uds /s/sb/vsock --log-level info"
         );
     }
 
