@@ -143,11 +143,14 @@ struct PodFlags {
     /// The pod's memory in MiB (linux.resources).
     #[arg(long = "pod-memory")]
     memory_mib: Option<i64>,
-    /// pod, container or node.
+    /// The network namespace: pod, container or node (without --config:
+    /// a config file says its own).
     #[arg(long, default_value = "pod", value_parser = mode)]
     network: i32,
+    /// The PID namespace: pod (shared by the pod's containers), container or node.
     #[arg(long, default_value = "container", value_parser = mode)]
     pid: i32,
+    /// The IPC namespace: pod or node.
     #[arg(long, default_value = "pod", value_parser = mode)]
     ipc: i32,
 }
@@ -217,17 +220,20 @@ fn read_json(path: &PathBuf) -> anyhow::Result<serde_json::Value> {
 impl PodFlags {
     fn build(&self) -> anyhow::Result<PodSandboxConfig> {
         let name = self.name.clone().unwrap_or_default();
-        let uid = self
-            .uid
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", self.namespace, name));
+        let uid = self.uid.clone().unwrap_or_default();
         let mut pod = config::pod(&name, &self.namespace, &uid);
         if let Some(file) = &self.config {
             pod = config::overlay(&pod, read_json(file)?)
                 .with_context(|| format!("{} is not a PodSandboxConfig", file.display()))?;
         }
-        if self.name.is_none() && pod.metadata.as_ref().is_none_or(|m| m.name.is_empty()) {
+        let meta = pod.metadata.get_or_insert_with(Default::default);
+        if meta.name.is_empty() {
             bail!("a pod needs a name: --name or metadata.name in --config");
+        }
+        // kubelet's uids are unique per pod; namespace/name is unique
+        // among the pods a person runs by hand.
+        if meta.uid.is_empty() {
+            meta.uid = format!("{}-{}", meta.namespace, meta.name);
         }
         if let Some(hostname) = &self.hostname {
             pod.hostname = hostname.clone();
