@@ -160,33 +160,7 @@ impl Containerd {
     /// Starts `loops` shell loops running `ctr task ls` back to back, as in
     /// kata-containers issue 12336; they stop when the value is dropped.
     pub fn task_ls_load(&self, loops: usize) -> TaskLsLoad {
-        let script = format!(
-            "while :; do ctr --address {} --connect-timeout 120s task ls >/dev/null 2>&1; done",
-            self.address.display()
-        );
-        // In the nested-KVM harness's L1 everything shares one emulated
-        // CPU: at equal priority the loops starve the teardown they race
-        // against (and containerd's 5 s limit on a shim's delete action
-        // kills it). There they run as SCHED_IDLE (nice 19 is not enough:
-        // 150 of them still outweigh everything else); they still keep
-        // containerd and the shims busy answering State.
-        let idle: &[&str] = if std::env::var_os(crate::NESTED_ENV).is_some() {
-            &["chrt", "--idle", "0"]
-        } else {
-            &[]
-        };
-        let children = (0..loops)
-            .map(|_| {
-                Command::new("env")
-                    .args(idle)
-                    .args(["sh", "-c", &script])
-                    .stdin(Stdio::null())
-                    .process_group(0)
-                    .spawn()
-                    .expect("starting a task ls loop")
-            })
-            .collect();
-        TaskLsLoad(children)
+        TaskLsLoad::start(&self.address, "default", loops, None)
     }
 
     /// `ctr run` in the foreground: (stdout, exit code).
@@ -320,29 +294,36 @@ impl Containerd {
     /// Pids of processes whose command line mentions this containerd's
     /// directory: shims (their -address) and agents (their socket).
     pub fn leftover_processes(&self) -> Vec<(u32, String)> {
-        let needle = self.path().display().to_string();
-        let me = std::process::id();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid == me || pid == self.child.id() {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let zombie = std::fs::read_to_string(entry.path().join("stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-            if cmdline.contains(&needle) && !cmdline.starts_with("ctr ") && !zombie {
-                found.push((pid, cmdline));
-            }
-        }
-        found
+        processes_mentioning(self.path(), self.child.id())
     }
+}
+
+/// Live processes other than this one and `except` whose command line
+/// mentions `dir`, `ctr` clients left out: what a test's shims, agents and
+/// VMs leave behind (their sockets and state live under the test's dir).
+pub fn processes_mentioning(dir: &Path, except: u32) -> Vec<(u32, String)> {
+    let needle = dir.display().to_string();
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || pid == except {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if cmdline.contains(&needle) && !cmdline.starts_with("ctr ") && !zombie {
+            found.push((pid, cmdline));
+        }
+    }
+    found
 }
 
 /// `ctr events`, subscribed: the lines it printed so far, read as they come.
@@ -427,16 +408,87 @@ impl Drop for Events {
 /// closes the connection once Shutdown returns, while `ctr task ls` State
 /// calls sent just before are still being answered. Any shim's reply can
 /// race that close; it says nothing about the shim or the sandbox.
-fn closed_client_got_a_reply(line: &str) -> bool {
+pub fn closed_client_got_a_reply(line: &str) -> bool {
     line.contains("msg=\"ttrpc: failed to look up active call: ttrpc: closed\"")
 }
 
-/// Background `ctr task ls` loops; killed (with their ctr) on drop.
-pub struct TaskLsLoad(Vec<Child>);
+/// Background `ctr task ls` loops, stopped on drop: those with a stop
+/// file finish their current ctr first, the others are killed with it.
+pub struct TaskLsLoad {
+    loops: Vec<Child>,
+    stop_file: Option<PathBuf>,
+}
+
+impl TaskLsLoad {
+    /// `loops` shell loops of `ctr -n NAMESPACE task ls` on the containerd
+    /// at `address`. With `stderr_dir`, loop N appends what ctr printed on
+    /// stderr to `stderr_dir/task-ls-N.log`, for the test to read, and the
+    /// loops stop after their current ctr once `stderr_dir/stop` exists: a
+    /// ctr killed in the middle of a State call makes containerd log `get
+    /// state for <id>: context canceled`, which is no runtime's doing.
+    pub fn start(
+        address: &Path,
+        namespace: &str,
+        loops: usize,
+        stderr_dir: Option<&Path>,
+    ) -> TaskLsLoad {
+        // In the nested-KVM harness's L1 everything shares one emulated
+        // CPU: at equal priority the loops starve the teardown they race
+        // against (and containerd's 5 s limit on a shim's delete action
+        // kills it). There they run as SCHED_IDLE (nice 19 is not enough:
+        // 150 of them still outweigh everything else); they still keep
+        // containerd and the shims busy answering State.
+        let idle: &[&str] = if std::env::var_os(crate::NESTED_ENV).is_some() {
+            &["chrt", "--idle", "0"]
+        } else {
+            &[]
+        };
+        let stop_file = stderr_dir.map(|dir| dir.join("stop"));
+        let condition = match &stop_file {
+            Some(file) => format!("[ ! -e {} ]", file.display()),
+            None => ":".into(),
+        };
+        let children = (0..loops)
+            .map(|n| {
+                let stderr = match stderr_dir {
+                    Some(dir) => format!("2>>{}/task-ls-{n}.log", dir.display()),
+                    None => "2>/dev/null".into(),
+                };
+                let script = format!(
+                    "while {condition}; do ctr --address {} --connect-timeout 120s -n {namespace} task ls >/dev/null {stderr}; done",
+                    address.display()
+                );
+                Command::new("env")
+                    .args(idle)
+                    .args(["sh", "-c", &script])
+                    .stdin(Stdio::null())
+                    .process_group(0)
+                    .spawn()
+                    .expect("starting a task ls loop")
+            })
+            .collect();
+        TaskLsLoad {
+            loops: children,
+            stop_file,
+        }
+    }
+}
 
 impl Drop for TaskLsLoad {
     fn drop(&mut self) {
-        for child in &mut self.0 {
+        if let Some(file) = &self.stop_file {
+            let _ = std::fs::write(file, b"");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for child in &mut self.loops {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        for child in &mut self.loops {
+            if let Ok(Some(_)) = child.try_wait() {
+                continue;
+            }
             let group = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();

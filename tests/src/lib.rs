@@ -6,6 +6,7 @@
 //! [`require`] and return early after [`skip`] recorded why.
 
 pub mod containerd;
+pub mod cri;
 pub mod guest_agent;
 pub mod shim;
 pub mod vmm_memory;
