@@ -104,11 +104,6 @@ impl OpenedStdio {
             opened.stdin = Some(fifo);
         }
         let stdout = parse(&stdio.stdout)?;
-        let stderr = if stdio.terminal {
-            None
-        } else {
-            parse(&stdio.stderr)?
-        };
         if let Some(LogDestination::Binary(command)) = &stdout {
             // containerd gives an exec's logger the exec id as CONTAINER_ID.
             let id = if process.exec_id.is_empty() {
@@ -140,6 +135,11 @@ impl OpenedStdio {
             opened.logger = Some(logger);
             return Ok(opened);
         }
+        let stderr = if stdio.terminal {
+            None
+        } else {
+            parse(&stdio.stderr)?
+        };
         opened.stdout = stdout.map(|d| open_output(d, stdio)).transpose()?;
         opened.stderr = stderr.map(|d| open_output(d, stdio)).transpose()?;
         Ok(opened)
@@ -183,7 +183,7 @@ impl OpenedStdio {
         io
     }
 
-    /// Closes everything it opened; a logger is stopped and reaped before
+    /// Closes everything it opened; a logger is killed and reaped before
     /// this returns (the process never came to be).
     pub async fn discard(self, container_id: &str, exec_id: &str) {
         drop((self.stdout, self.stderr, self.stdin));
