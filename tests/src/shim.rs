@@ -95,7 +95,7 @@ impl InProcessShim {
     pub async fn start() -> InProcessShim {
         let dir = tempfile::tempdir().expect("tempdir");
         let (stream, mut rx) = EventStream::new();
-        let runtime = Runtime::new(config(dir.path()), stream);
+        let runtime = Runtime::new(config(dir.path()), "default", stream);
         let events: EventLog = Arc::default();
         let log = Arc::clone(&events);
         tokio::spawn(async move {

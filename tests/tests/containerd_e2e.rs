@@ -426,3 +426,224 @@ fn a_create_runtime_hook_past_its_timeout_is_killed_and_named() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     c.assert_nothing_left();
 }
+
+/// A `#!/bin/sh` logging binary that records its args and environment,
+/// signals ready, and copies fd 3 and fd 4 to `out.$CONTAINER_ID` and
+/// `err.$CONTAINER_ID` in `dir`.
+fn logger_script(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("logger.sh");
+    let body = format!(
+        "#!/bin/sh\n\
+         cd {dir}\n\
+         echo \"$*\" > args.$CONTAINER_ID\n\
+         echo \"$CONTAINER_NAMESPACE\" > namespace.$CONTAINER_ID\n\
+         exec 5>&-\n\
+         cat <&3 > out.$CONTAINER_ID &\n\
+         cat <&4 > err.$CONTAINER_ID &\n\
+         wait\n",
+        dir = dir.display()
+    );
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// Logging binaries of this test still running (zombies count as gone).
+fn loggers_left(c: &Containerd) -> Vec<(u32, String)> {
+    c.leftover_processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("logger"))
+        .collect()
+}
+
+fn with_log_uri<'a>(uri: &'a str, argv: Vec<&'a str>) -> Vec<&'a str> {
+    let mut with = vec![argv[0], "--log-uri", uri];
+    with.extend_from_slice(&argv[1..]);
+    with
+}
+
+#[test]
+fn a_binary_log_uri_feeds_the_logger_for_run_and_exec_and_leaves_nothing() {
+    if !ready("a_binary_log_uri_feeds_the_logger_for_run_and_exec_and_leaves_nothing") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    let logs = c.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let script = logger_script(&logs);
+    let uri = format!("binary://{}?mode=test&level=debug", script.display());
+    let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_default();
+
+    let out = c.ctr(&with_log_uri(
+        &uri,
+        run_argv(
+            false,
+            rootfs,
+            "logged",
+            &["sh", "-c", "echo to stdout; echo to stderr >&2; exit 4"],
+        ),
+    ));
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}\n{}",
+        text(&out.stderr),
+        c.log_text()
+    );
+    assert_eq!(read("out.logged"), "to stdout\n");
+    assert_eq!(read("err.logged"), "to stderr\n");
+    assert_eq!(read("args.logged"), "mode test level debug\n");
+    assert_eq!(read("namespace.logged"), "default\n");
+    // The exit is recorded only after the logger finished.
+    assert_eq!(loggers_left(&c), vec![], "logger left after ctr run");
+    assert!(c.ctr(&["container", "delete", "logged"]).status.success());
+
+    // A detached container and an exec each get their own logger.
+    let out = c.ctr(&with_log_uri(
+        &uri,
+        run_argv(
+            true,
+            rootfs,
+            "svc",
+            &["sh", "-c", "echo svc up; exec sleep 1000"],
+        ),
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exec_uri = format!("binary://{}", script.display());
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--log-uri",
+        &exec_uri,
+        "--exec-id",
+        "e1",
+        "svc",
+        "sh",
+        "-c",
+        "echo exec out; echo exec err >&2; exit 6",
+    ]);
+    assert_eq!(exec.status.code(), Some(6), "{}", text(&exec.stderr));
+    assert_eq!(read("out.e1"), "exec out\n");
+    assert_eq!(read("err.e1"), "exec err\n");
+    assert_eq!(read("args.e1"), "\n");
+    c.kill_and_delete("svc");
+    assert_eq!(read("out.svc"), "svc up\n");
+    assert_eq!(loggers_left(&c), vec![], "logger left after delete");
+    c.assert_nothing_left();
+}
+
+#[test]
+fn a_file_log_uri_collects_run_and_exec_output() {
+    if !ready("a_file_log_uri_collects_run_and_exec_output") {
+        return;
+    }
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    let run_log = c.path().join("logs/run.log");
+    let uri = format!("file://{}", run_log.display());
+    let out = c.ctr(&with_log_uri(
+        &uri,
+        run_argv(
+            false,
+            rootfs,
+            "filed",
+            &[
+                "sh",
+                "-c",
+                "echo to stdout; sleep 0.2; echo to stderr >&2; exit 2",
+            ],
+        ),
+    ));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&run_log).unwrap(),
+        "to stdout\nto stderr\n"
+    );
+    assert!(c.ctr(&["container", "delete", "filed"]).status.success());
+
+    c.run_detached(rootfs, "svc", &["sleep", "1000"]);
+    let exec_log = c.path().join("logs/exec.log");
+    let exec_uri = format!("file://{}", exec_log.display());
+    let exec = c.ctr(&[
+        "task",
+        "exec",
+        "--log-uri",
+        &exec_uri,
+        "--exec-id",
+        "e1",
+        "svc",
+        "sh",
+        "-c",
+        "echo exec out; exit 3",
+    ]);
+    assert_eq!(exec.status.code(), Some(3), "{}", text(&exec.stderr));
+    assert_eq!(std::fs::read_to_string(&exec_log).unwrap(), "exec out\n");
+    c.kill_and_delete("svc");
+    c.assert_nothing_left();
+}
+
+#[test]
+fn a_logging_binary_that_cannot_run_fails_the_create_naming_it_and_leaves_nothing() {
+    let test = "a_logging_binary_that_cannot_run_fails_the_create_naming_it_and_leaves_nothing";
+    if !ready(test) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let c = Containerd::start();
+    let rootfs = busybox_rootfs(c.path());
+    let rootfs = rootfs.to_str().unwrap();
+    let not_executable = c.path().join("logger-not-executable.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\nexec 5>&-\n").unwrap();
+    std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let missing = c.path().join("no-such-logger");
+    // Never closes fd 5: given up on after 10 s, killed with its helper.
+    let stuck = c.path().join("logger-stuck.sh");
+    std::fs::write(&stuck, "#!/bin/sh\nsleep 4321 &\nwait\n").unwrap();
+    std::fs::set_permissions(&stuck, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (id, program, why, code) in [
+        (
+            "missing",
+            &missing,
+            "No such file or directory",
+            "invalid argument",
+        ),
+        (
+            "noexec",
+            &not_executable,
+            "Permission denied",
+            "invalid argument",
+        ),
+        (
+            "stuck",
+            &stuck,
+            "did not close fd 5 (ready) within 10s; killed",
+            "context deadline exceeded",
+        ),
+    ] {
+        let uri = format!("binary://{}", program.display());
+        let out = c.ctr(&with_log_uri(&uri, run_argv(false, rootfs, id, &["true"])));
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "ctr run {id} succeeded");
+        assert!(
+            stderr.contains(&format!("logging binary {uri}"))
+                && stderr.contains(why)
+                && stderr.trim_end().ends_with(code),
+            "{stderr}"
+        );
+        let out = c.ctr(&["container", "delete", id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(loggers_left(&c), vec![]);
+    let sleeps: Vec<_> = (std::fs::read_dir("/proc").unwrap().flatten())
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x004321\x00")
+                && std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+        .collect();
+    assert!(sleeps.is_empty(), "the stuck logger's helper still runs");
+    c.assert_nothing_left();
+}

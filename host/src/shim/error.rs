@@ -5,7 +5,9 @@
 use kestrel_protocols::id::IdError;
 use kestrel_protocols::ttrpc::Code;
 
+use super::log_binary::LoggerError;
 use super::mount::MountError;
+use super::stdio::StdioError;
 use crate::agent_client::AgentError;
 use crate::config::ConfigError;
 use crate::hooks::HookError;
@@ -64,12 +66,12 @@ pub enum ShimError {
         #[source]
         source: Box<RootfsError>,
     },
-    #[error("container {id}: opening the stdio FIFOs of {process}")]
+    #[error("container {id}: setting up the stdio of {process}")]
     Stdio {
         id: String,
         process: String,
         #[source]
-        source: std::io::Error,
+        source: StdioError,
     },
     #[error("container {id}")]
     Hook {
@@ -89,12 +91,23 @@ impl ShimError {
             ShimError::InvalidArgument(_)
             | ShimError::InvalidId(_)
             // A bundle containerd handed over that cannot be read, a rootfs
-            // that does not mount, FIFOs that do not open: a bad request.
+            // that does not mount, FIFOs that do not open, a log URI or
+            // logging binary that does not work: a bad request.
             | ShimError::Spec(_)
             | ShimError::Mount(_)
             | ShimError::Config(_)
-            | ShimError::Sizing(_)
-            | ShimError::Stdio { .. } => Code::INVALID_ARGUMENT,
+            | ShimError::Sizing(_) => Code::INVALID_ARGUMENT,
+            ShimError::Stdio { source, .. } => match source {
+                StdioError::Logger {
+                    source: LoggerError::NotReady { .. },
+                    ..
+                } => Code::DEADLINE_EXCEEDED,
+                StdioError::Logger {
+                    source: LoggerError::Pipes(_) | LoggerError::Ready { .. },
+                    ..
+                } => Code::INTERNAL,
+                _ => Code::INVALID_ARGUMENT,
+            },
             ShimError::FailedPrecondition(_)
             | ShimError::Transition(_)
             | ShimError::SandboxDead { .. }

@@ -21,7 +21,7 @@ use crate::sandbox::{Sandbox, SandboxRequest};
 use kestrel_protocols::oci;
 
 /// How long a process's outputs may stay open after it exited.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+pub(super) const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// How long an init's exit waits for its execs' exits to be recorded first.
 const EXEC_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a relister-detected death waits for the exit watcher to record

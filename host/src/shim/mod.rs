@@ -18,11 +18,15 @@
 //! [`service`] (the runtime's Task operations), `pool` (sandboxes by id),
 //! `exits` (how exits are learned), `teardown` (Delete), `relist_view`
 //! (what the relister asks the agent), [`mount`] (the rootfs a container
-//! mounts on the host), [`stdio`] (FIFO copiers), [`publish`] (events to
-//! containerd) and [`error`] (every failure and its wire code).
+//! mounts on the host), [`stdio`] (output and input copiers), `log_uri`
+//! (what a stdio string names: FIFO, `file://`, `binary://`), `log_binary`
+//! (a `binary://` logging program), [`publish`] (events to containerd) and
+//! [`error`] (every failure and its wire code).
 
 pub mod error;
 mod exits;
+mod log_binary;
+mod log_uri;
 mod logging;
 pub mod mount;
 mod pool;
@@ -263,7 +267,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         rx,
         Arc::clone(&flush),
     ));
-    let runtime = Runtime::new(config, events);
+    let runtime = Runtime::new(config, &flags.namespace, events);
     let exit = Arc::new(ExitSignal::default());
     let service: Arc<TaskService> =
         Arc::new(TaskService::new(Arc::clone(&runtime), Arc::clone(&exit)));

@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use kestrel_hypervisor::backend::RootfsDelivery;
 use kestrel_protocols::agent::{
@@ -26,7 +25,7 @@ use kestrel_protocols::ttrpc::Code;
 use super::error::{Result, ShimError};
 use super::mount::{MountedRootfs, RootfsMount};
 use super::pool::SandboxPool;
-use super::stdio::ProcessIo;
+use super::stdio::{OpenedStdio, ProcessRef, StdioError};
 use crate::agent_client::AgentClient;
 use crate::config::Config;
 use crate::hooks::Phase as HookPhase;
@@ -72,19 +71,22 @@ pub struct ProcessStatus {
 
 pub struct Runtime {
     pub(super) config: Config,
+    /// containerd's namespace (`-namespace`), told to logging binaries.
+    pub(super) namespace: String,
     pub(super) registry: Registry,
     pub(super) events: EventStream,
     pub(super) sandboxes: SandboxPool,
 }
 
 impl Runtime {
-    pub fn new(config: Config, events: EventStream) -> Arc<Runtime> {
+    pub fn new(config: Config, namespace: &str, events: EventStream) -> Arc<Runtime> {
         let limits = TombstoneLimits {
             max_entries: config.lifecycle.tombstone_max_entries,
             max_age: config.lifecycle.tombstone_max_age(),
         };
         Arc::new(Runtime {
             config,
+            namespace: namespace.into(),
             registry: Registry::new(limits),
             events,
             sandboxes: SandboxPool::default(),
@@ -209,26 +211,29 @@ impl Runtime {
         if sandbox.rootfs_delivery() == RootfsDelivery::CopyIntoGuest {
             copy_into_vm(agent, id, spec).await?;
         }
-        agent
+        // Before the guest has the container: a destination that does not
+        // open, or a logger that does not start, leaves nothing there.
+        let stdio = self
+            .open_stdio(id, "", &container.init.stdio)
+            .await
+            .map_err(|source| ShimError::Stdio {
+                id: id.clone(),
+                process: "its init".into(),
+                source,
+            })?;
+        let created = agent
             .create_container(CreateContainerRequest {
                 container_id: id.clone(),
                 exec_id: id.clone(),
                 OCI: Some(spec.clone()).into(),
                 ..Default::default()
             })
-            .await
-            .map_err(ShimError::agent(id, "creating it"))?;
-        match ProcessIo::start(agent, id, "", &container.init.stdio) {
-            Ok(io) => container.init.set_io(io),
-            Err(source) => {
-                let _ = agent.remove_container(id, Duration::from_secs(1)).await;
-                return Err(ShimError::Stdio {
-                    id: id.clone(),
-                    process: "its init".into(),
-                    source,
-                });
-            }
+            .await;
+        if let Err(e) = created {
+            stdio.discard(id, "").await;
+            return Err(ShimError::agent(id, "creating it")(e));
         }
+        container.init.set_io(stdio.start(agent, id, ""));
         Ok((sandbox.pid(), sandbox))
     }
 
@@ -276,7 +281,16 @@ impl Runtime {
             let spec = process.spec().ok_or_else(|| {
                 ShimError::NotFound(format!("exec {exec_id} has no process spec"))
             })?;
-            sandbox
+            // Before the exec runs, as for an init.
+            let stdio = self
+                .open_stdio(id, exec_id, &process.stdio)
+                .await
+                .map_err(|source| ShimError::Stdio {
+                    id: id.into(),
+                    process: format!("exec {exec_id}"),
+                    source,
+                })?;
+            let started = sandbox
                 .agent()
                 .exec_process(ExecProcessRequest {
                     container_id: id.into(),
@@ -284,22 +298,12 @@ impl Runtime {
                     process: Some(spec).into(),
                     ..Default::default()
                 })
-                .await
-                .map_err(ShimError::agent(id, "starting an exec in it"))?;
-            match ProcessIo::start(sandbox.agent(), id, exec_id, &process.stdio) {
-                Ok(io) => process.set_io(io),
-                Err(source) => {
-                    let _ = sandbox
-                        .agent()
-                        .signal_process(id, exec_id, libc::SIGKILL as u32)
-                        .await;
-                    return Err(ShimError::Stdio {
-                        id: id.into(),
-                        process: format!("exec {exec_id}"),
-                        source,
-                    });
-                }
+                .await;
+            if let Err(e) = started {
+                stdio.discard(id, exec_id).await;
+                return Err(ShimError::agent(id, "starting an exec in it")(e));
             }
+            process.set_io(stdio.start(sandbox.agent(), id, exec_id));
             process.apply(Transition::Start { pid })?;
             self.events.emit(Event::ExecStarted {
                 container_id: id.into(),
@@ -309,6 +313,21 @@ impl Runtime {
             tokio::spawn(Arc::clone(self).watch_exit(Arc::clone(&container), process, sandbox));
         }
         Ok(pid)
+    }
+
+    /// Opens (or starts) where a process's streams go.
+    async fn open_stdio(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stdio: &Stdio,
+    ) -> std::result::Result<OpenedStdio, StdioError> {
+        let process = ProcessRef {
+            container_id,
+            exec_id,
+            namespace: &self.namespace,
+        };
+        OpenedStdio::open(process, stdio).await
     }
 
     /// Runs the container's hooks of `phase` on the host.

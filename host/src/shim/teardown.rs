@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kestrel_protocols::ttrpc::Code;
 
 use super::error::{Result, ShimError};
-use super::exits::dies_soon;
+use super::exits::{dies_soon, OUTPUT_DRAIN};
 use super::service::{Runtime, KILLED_STATUS, SANDBOX_DIED_STATUS};
 use crate::lifecycle::events::Event;
 use crate::lifecycle::registry::{Container, Lookup};
@@ -78,6 +78,11 @@ impl Runtime {
         if let Err(e) = self.remove_from_sandbox(&container).await {
             container.init.apply(Transition::DeleteFailed)?;
             return Err(e);
+        }
+        // An init that never started still has its copiers, and perhaps a
+        // logging binary: they end with the delete, not some time after.
+        if let Some(mut io) = container.init.take_io() {
+            io.drain(OUTPUT_DRAIN).await;
         }
         // RemoveContainer killed whatever outlived the init (execs in a
         // shared PID namespace): their exits come before the TaskDelete.
