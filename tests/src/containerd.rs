@@ -51,15 +51,7 @@ impl Containerd {
             root = d.join("root").display(),
             state = d.join("state").display(),
             address = address.display(),
-            timeouts = if std::env::var_os(crate::NESTED_ENV).is_some() {
-                // containerd gives the shim's delete action 5 s after every
-                // shim exit; in the nested-KVM L1 (one emulated CPU shared
-                // with six guests and 150 ctr loops) starting it alone can
-                // take longer, and containerd then kills it.
-                "[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n"
-            } else {
-                ""
-            },
+            timeouts = nested_timeouts(),
         );
         std::fs::write(d.join("containerd.toml"), config).expect("containerd config");
         let kestrel = format!(
@@ -543,4 +535,16 @@ pub fn run_argv<'a>(detach: bool, rootfs: &'a str, id: &'a str, args: &[&'a str]
     ]);
     argv.extend_from_slice(args);
     argv
+}
+
+/// containerd's `[timeouts]` for a test containerd. containerd gives the
+/// shim's delete action 5 s after every shim exit; in the nested-KVM L1 (one
+/// emulated CPU shared with six guests and 150 ctr loops) starting it alone
+/// can take longer, and containerd then kills it: there it gets 60 s.
+pub fn nested_timeouts() -> &'static str {
+    if std::env::var_os(crate::NESTED_ENV).is_some() {
+        "[timeouts]\n  \"io.containerd.timeout.shim.cleanup\" = \"60s\"\n"
+    } else {
+        ""
+    }
 }

@@ -38,6 +38,9 @@ pub const NAMESPACE: &str = "k8s.io";
 pub const RUNC: &str = "runc";
 pub const KESTREL_QEMU: &str = "kestrel";
 pub const KESTREL_PROCESS: &str = "kestrel-process";
+/// kestrel-vmm sandboxes: only where KVM runs guests (the nested-KVM
+/// harness's L1 on these machines).
+pub const KESTREL_BUILTIN: &str = "kestrel-builtin";
 
 /// The CNI plugins the pod network needs, from containernetworking-plugins.
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -100,7 +103,15 @@ impl CriContainerd {
     pub fn start(image: Option<&GuestImage>) -> CriContainerd {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = tempfile::tempdir().expect("tempdir");
+        // In the nested-KVM harness's L1, /tmp is on the overlay over the
+        // host's files, which overlayfs refuses as an upper layer: the
+        // snapshotter's layers go on L1's own tmpfs there.
+        let dir = if std::env::var_os(crate::NESTED_ENV).is_some() {
+            tempfile::tempdir_in("/run")
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("tempdir");
         let d = dir.path().to_path_buf();
         let netns = format!("kcri-{}-{n}", std::process::id());
         run_ok(Command::new("ip").args(["netns", "add", &netns]));
@@ -158,6 +169,7 @@ impl CriContainerd {
         };
         let qemu_config = kestrel_config("qemu", "hypervisor = \"qemu\"");
         let process_config = kestrel_config("process", "hypervisor = \"process\"");
+        let builtin_config = kestrel_config("builtin", "hypervisor = \"builtin\"");
 
         let address = d.join("containerd.sock");
         let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
@@ -192,6 +204,10 @@ state = "{state}"
   runtime_type = "{runtime}"
 [{runtimes}.{KESTREL_PROCESS}.options]
   ConfigPath = "{process_config}"
+[{runtimes}.{KESTREL_BUILTIN}]
+  runtime_type = "{runtime}"
+[{runtimes}.{KESTREL_BUILTIN}.options]
+  ConfigPath = "{builtin_config}"
 [{cri}.cni]
   bin_dir = "{CNI_BIN_DIR}"
   conf_dir = "{cni}"
@@ -203,8 +219,9 @@ state = "{state}"
             runtime = crate::containerd::RUNTIME,
             qemu_config = qemu_config.display(),
             process_config = process_config.display(),
+            builtin_config = builtin_config.display(),
             cni = d.join("cni").display(),
-        );
+        ) + crate::containerd::nested_timeouts();
         std::fs::write(d.join("containerd.toml"), config).expect("containerd config");
 
         let log = d.join("containerd.log");
