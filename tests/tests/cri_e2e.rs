@@ -306,6 +306,15 @@ fn containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts(test: &str, hand
             "{kind} namespace"
         );
     }
+    if handler == KESTREL_PROCESS {
+        // (A guest's root namespace may have the host's inode number.)
+        let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(
+            ns(&c, &server, "net").trim(),
+            host.to_string_lossy(),
+            "the process backend's pod is in the pod's network, not the host's"
+        );
+    }
     for kind in ["mnt", "pid"] {
         assert_ne!(
             ns(&c, &server, kind),
@@ -370,6 +379,16 @@ fn containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts_on_kestrel_qemu(
     containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts(
         "containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts_on_kestrel_qemu",
         KESTREL_QEMU,
+    );
+}
+
+/// On the process backend the agent runs in the pod's network namespace:
+/// the containers share it, and the host's network is not theirs.
+#[test]
+fn containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts_on_kestrel_process() {
+    containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts(
+        "containers_of_a_pod_share_uts_ipc_and_network_but_not_mounts_on_kestrel_process",
+        KESTREL_PROCESS,
     );
 }
 
