@@ -394,7 +394,7 @@ state = "{state}"
 
     /// Kestrel's sandbox state directories still present.
     pub fn sandbox_state_left(&self) -> Vec<PathBuf> {
-        ["sb-qemu", "sb-process"]
+        ["sb-qemu", "sb-process", "sb-builtin"]
             .iter()
             .flat_map(|d| std::fs::read_dir(self.path().join(d)).into_iter().flatten())
             .flatten()

@@ -744,3 +744,44 @@ fn kestrel_cri_command_runs_a_pod_end_to_end_on_kestrel_process() {
     ok(&["rmp", &pod]);
     c.finish();
 }
+
+/// A pod's shim killed with SIGKILL: containerd runs the shim's `delete`
+/// action, which must find the sandbox where the handler's ConfigPath put
+/// it (not where the default configuration would) and stop it; the pod's
+/// container ends, and nothing is left once the pod is removed.
+#[test]
+fn a_killed_shim_is_cleaned_up_under_the_handlers_config_path() {
+    let test = "a_killed_shim_is_cleaned_up_under_the_handlers_config_path";
+    let Some(image) = ready(test, KESTREL_PROCESS) else {
+        return;
+    };
+    let c = CriContainerd::start(image.as_ref());
+    let (pod_id, _, id) = pod_with_sleeper(&c, "orphan", KESTREL_PROCESS);
+    let shims: Vec<u32> = c
+        .leftover_processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(c.leftover_processes().is_empty() && c.sandbox_state_left().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "the delete action left {:?} and {:?}\n{}",
+            c.leftover_processes(),
+            c.sandbox_state_left(),
+            c.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = c.wait_for_state(&id, ContainerState::ContainerExited, START);
+    assert_ne!(status.exit_code, 0, "{status:?}");
+    c.stop_and_remove_pod(&pod_id).unwrap();
+    c.finish();
+}
