@@ -314,7 +314,10 @@ impl CriClient {
         let req = api::ExecSyncRequest {
             container_id: id.into(),
             cmd: cmd.to_vec(),
-            timeout: timeout.map_or(0, |t| t.as_secs().max(1) as i64),
+            // CRI counts whole seconds: round up, so a timeout never shrinks.
+            timeout: timeout.map_or(0, |t| {
+                (t.as_secs() + u64::from(t.subsec_nanos() > 0)).max(1) as i64
+            }),
         };
         let reply = self
             .runtime

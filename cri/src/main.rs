@@ -212,6 +212,20 @@ fn pairs(items: &[String]) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
+/// `--cpus` and `--memory` (MiB) as CRI's CPU count and memory bytes.
+fn limits(cpus: Option<f64>, memory_mib: Option<i64>) -> anyhow::Result<(f64, i64)> {
+    let cpus = cpus.unwrap_or(0.0);
+    if !cpus.is_finite() || cpus < 0.0 {
+        bail!("--cpus {cpus}: expected a number of CPUs, 0 or more");
+    }
+    let mib = memory_mib.unwrap_or(0);
+    let memory = mib
+        .checked_mul(1 << 20)
+        .filter(|bytes| *bytes >= 0)
+        .with_context(|| format!("--memory {mib}: expected MiB, 0 or more"))?;
+    Ok((cpus, memory))
+}
+
 fn read_json(path: &PathBuf) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))
@@ -244,14 +258,17 @@ impl PodFlags {
         pod.annotations.extend(pairs(&self.annotations)?);
         pod.labels.extend(pairs(&self.labels)?);
         if self.cpus.is_some() || self.memory_mib.is_some() {
-            config::pod_resources(
-                &mut pod,
-                self.cpus.unwrap_or(0.0),
-                self.memory_mib.unwrap_or(0) << 20,
-            );
+            let (cpus, memory) = limits(self.cpus, self.memory_mib)?;
+            config::pod_resources(&mut pod, cpus, memory);
         }
         if self.config.is_none() {
-            config::pod_namespaces(&mut pod, self.namespaces()?);
+            let namespaces = self.namespaces()?;
+            // A pod on the node's network has the node's UTS namespace, and
+            // kubelet sets no hostname for it (runtimes refuse one there).
+            if namespaces.network == NamespaceMode::Node && self.hostname.is_none() {
+                pod.hostname.clear();
+            }
+            config::pod_namespaces(&mut pod, namespaces);
         }
         Ok(pod)
     }
@@ -307,11 +324,9 @@ impl ContainerFlags {
             c.working_dir = dir.clone();
         }
         if self.cpus.is_some() || self.memory.is_some() {
+            let (cpus, memory) = limits(self.cpus, self.memory)?;
             let linux = c.linux.get_or_insert_with(Default::default);
-            linux.resources = Some(config::resources(
-                self.cpus.unwrap_or(0.0),
-                self.memory.unwrap_or(0) << 20,
-            ));
+            linux.resources = Some(config::resources(cpus, memory));
         }
         Ok(c)
     }

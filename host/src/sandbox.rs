@@ -65,6 +65,7 @@ pub struct Sandbox {
     hypervisor: Box<dyn Hypervisor>,
     agent: AgentClient,
     stop_grace: Duration,
+    config_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -112,6 +113,9 @@ pub struct SandboxRequest {
     pub shape: Option<kestrel_hypervisor::VmShape>,
     /// The pod's network namespace on the host.
     pub netns: Option<PathBuf>,
+    /// The configuration file the sandbox runs with (the runtime options'
+    /// `ConfigPath`), if not the default one.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -175,6 +179,7 @@ impl Sandbox {
                     hypervisor,
                     agent,
                     stop_grace: grace,
+                    config_path: request.config_path.clone(),
                 }))
             }
             Err(e) => {
@@ -190,12 +195,17 @@ impl Sandbox {
         }
     }
 
-    /// The directory this sandbox keeps its files in (removed when it stops).
+    /// The configuration file this sandbox runs with, if not the default.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
     /// How long a container or the guest gets to stop before it is killed.
     pub fn stop_grace(&self) -> Duration {
         self.stop_grace
     }
 
+    /// The directory this sandbox keeps its files in (removed when it stops).
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
@@ -336,6 +346,13 @@ pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord
         Err(e) => return Err(fail(format!("reading {RECORD}: {e}"))),
     };
     if let Some(record) = &record {
+        if record.id != id {
+            return Err(fail(format!(
+                "{} holds sandbox {:?}, not this one: leaving it alone",
+                dir.display(),
+                record.id
+            )));
+        }
         kill_if_ours(record.pid, &dir);
     }
     kestrel_hypervisor::state_dir::remove(&dir).map_err(|source| SandboxError::Hypervisor {

@@ -40,18 +40,19 @@ pub const fn max_root_len() -> usize {
 }
 
 /// The name of the directory of sandbox `id`: the id itself when it is at
-/// most [`MAX_DIR_NAME_LEN`] bytes, else its first characters, `-` and a
-/// 64-bit FNV-1a hash of the whole id in hex, so it stays recognisable and
-/// distinct. The id must already have passed the shared id rule (ASCII).
+/// most [`MAX_DIR_NAME_LEN`] bytes, else its first characters, `~` and the
+/// first 16 hex digits of the id's SHA-256, so it stays recognisable. `~` is
+/// outside the id alphabet: no id names another id's shortened directory.
+/// The id must already have passed the shared id rule (ASCII).
 pub fn dir_name(id: &str) -> String {
+    use sha2::{Digest, Sha256};
     if id.len() <= MAX_DIR_NAME_LEN {
         return id.to_string();
     }
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let digest = Sha256::digest(id.as_bytes());
+    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     let prefix: String = id.chars().take(KEPT_PREFIX).collect();
-    format!("{prefix}-{hash:016x}")
+    format!("{prefix}~{hash}")
 }
 
 /// Creates `dir` (and its parents) and marks it as ours. An existing
@@ -122,7 +123,11 @@ mod tests {
         let other = "4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e50";
         let (a, b) = (dir_name(cri), dir_name(other));
         assert_eq!(a.len(), MAX_DIR_NAME_LEN);
-        assert!(a.starts_with("4e5f6a7b8c9d0e1-"), "{a}");
+        assert!(a.starts_with("4e5f6a7b8c9d0e1~"), "{a}");
+        assert!(
+            kestrel_protocols::id::validate("id", &a).is_err(),
+            "not an id: {a}"
+        );
         assert_ne!(a, b);
         assert_eq!(a, dir_name(cri), "the name is a function of the id");
         assert_eq!(dir_name(&"x".repeat(128)).len(), MAX_DIR_NAME_LEN);

@@ -945,3 +945,42 @@ async fn a_hostname_without_a_private_uts_namespace_is_refused() {
         "{err:?}"
     );
 }
+
+/// Once the pod's first container has exited, its PID namespace takes no
+/// new process: a container asking for the pod's PID namespace is refused
+/// as a precondition, naming why, and leaves nothing; the pod's IPC and
+/// UTS namespaces, held open, still serve.
+#[tokio::test]
+async fn the_pods_pid_namespace_after_its_first_container_exited_is_a_failed_precondition() {
+    require!("the_pods_pid_namespace_after_its_first_container_exited_is_a_failed_precondition");
+    let (_agent, client, rootfs) = setup().await;
+    start_sleeper(&client, &rootfs, "first-exited").await;
+    signal(&client, "first-exited", "", 9).await.unwrap();
+    assert_eq!(wait(&client, "first-exited", "").await.unwrap(), 137);
+    let joining = |kinds: &[&str]| {
+        let mut s = spec(&rootfs, &["true"]);
+        s.Hostname.clear();
+        for ns in s.Linux.mut_or_insert_default().Namespaces.iter_mut() {
+            if kinds.contains(&ns.Type.as_str()) {
+                ns.Path = format!("/proc/1/ns/{}", ns.Type);
+            }
+        }
+        s
+    };
+    let err = client
+        .create_container(prompt(), &create_request("late", joining(&["pid"])))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::FAILED_PRECONDITION, "{err:?}");
+    assert!(
+        format!("{err:?}").contains("first container has exited"),
+        "{err:?}"
+    );
+    assert!(
+        cgroup_dirs("late").iter().all(|d| !d.exists()),
+        "no cgroup left"
+    );
+    let (_, _, status) = run(&client, "ipc-uts", joining(&["ipc", "uts"])).await;
+    assert_eq!(status, 0);
+    remove(&client, "first-exited").await.unwrap();
+}

@@ -15,8 +15,8 @@
 //! The pod's namespaces are those of the sandbox's first container (the
 //! infra, or pause, container), as in Kata: they are held open here, so the
 //! pod's IPC and UTS namespaces outlive that container's processes. A pod's
-//! PID namespace ends with its init process; joining it after that fails
-//! with FAILED_PRECONDITION. `CreateContainer.sandbox_pidns` asks for the
+//! PID namespace ends with its init process; a container joining it after
+//! that fails with FAILED_PRECONDITION (see `process.rs`). `CreateContainer.sandbox_pidns` asks for the
 //! pod's PID namespace whatever the spec says, as Kata's runtime does.
 
 use std::fs::File;
@@ -165,9 +165,6 @@ pub struct PodNamespaces {
     ipc: File,
     uts: File,
     pid: File,
-    /// The first container's init process, whose exit ends the PID
-    /// namespace.
-    pub init: Pid,
 }
 
 impl PodNamespaces {
@@ -178,7 +175,6 @@ impl PodNamespaces {
             ipc: open(Shared::Ipc)?,
             uts: open(Shared::Uts)?,
             pid: open(Shared::Pid)?,
-            init,
         })
     }
 
@@ -240,17 +236,10 @@ pub fn with_joined<T>(join: &[Join<'_>], clone: impl FnOnce() -> Result<T>) -> R
 }
 
 fn pod_namespace_error(kind: Shared, e: nix::Error) -> Error {
-    match kind {
-        // The namespace is held open, but a PID namespace whose init died
-        // takes no new processes.
-        Shared::Pid => Error::FailedPrecondition(format!(
-            "the pod's PID namespace is gone: the pod's first container has exited ({e})"
-        )),
-        kind => Error::internal(
-            format!("entering the pod's {} namespace", kind.proc_name()),
-            e,
-        ),
-    }
+    Error::internal(
+        format!("entering the pod's {} namespace", kind.proc_name()),
+        e,
+    )
 }
 
 #[cfg(test)]

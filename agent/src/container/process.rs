@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 
 use super::cgroup::Cgroup;
 use super::console::{ConsoleSocket, CONSOLE_FD};
-use super::namespaces::{with_joined, Join};
+use super::namespaces::{with_joined, Join, Shared};
 use super::setup::{CONTROL_FD, SETUP_ARG};
 use super::spec::SetupConfig;
 use crate::error::{Error, Result};
@@ -142,6 +142,7 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
         ConsoleSocket::pair().map_err(|e| Error::internal("starting a container process", e))?;
     let (agent_end, helper_end) =
         StdUnixStream::pair().map_err(|e| Error::internal("socketpair", e))?;
+    let into_pod_pid = launch.join.iter().any(|j| j.kind == Shared::Pid);
     let (helper_pid, helper_exit) = with_joined(launch.join, || {
         clone_helper(
             reaper,
@@ -149,7 +150,16 @@ pub async fn launch(reaper: &Reaper, launch: Launch<'_>) -> Result<(Process, Opt
             &child_stdio,
             helper_end.into(),
             console_helper_end,
-        )
+        )?
+        .map_err(|e| match e {
+            // setns into a PID namespace whose init has died succeeds; the
+            // kernel refuses the process itself.
+            Errno::ENOMEM if into_pod_pid => Error::FailedPrecondition(
+                "the pod's PID namespace takes no new processes: its first container has exited"
+                    .into(),
+            ),
+            e => Error::internal("cloning the container process", e),
+        })
     })?;
     drop(child_stdio);
 
@@ -249,7 +259,7 @@ fn clone_helper(
     stdio: &ChildStdio,
     control: OwnedFd,
     console: OwnedFd,
-) -> Result<(Pid, ExitWatch)> {
+) -> Result<nix::Result<(Pid, ExitWatch)>> {
     // Everything the child touches is prepared here: between clone and
     // execve a child of a multi-threaded process may not allocate.
     let exe = CString::new("/proc/self/exe").map_err(|e| Error::internal("exe path", e))?;
@@ -269,11 +279,11 @@ fn clone_helper(
 
     let mut children = reaper.lock();
     match clone_process(flags) {
-        Err(e) => Err(Error::internal("cloning the container process", e)),
+        Err(e) => Ok(Err(e)),
         // SAFETY: we are the freshly cloned child; `exec_child` only makes
         // async-signal-safe calls on memory prepared before the clone.
         Ok(None) => unsafe { exec_child(&fds, &exe, &argv, &envp) },
-        Ok(Some(pid)) => Ok((pid, children.register(pid))),
+        Ok(Some(pid)) => Ok(Ok((pid, children.register(pid)))),
     }
 }
 

@@ -32,11 +32,11 @@ const RELIST_EXIT_GRACE: Duration = Duration::from_secs(12);
 const DEATH_NOTICE: Duration = Duration::from_secs(2);
 
 impl Runtime {
-    /// The sandbox `id`, booted on first use with its watchers: the
-    /// guest's death, OOM events and the relister.
-    /// The sandbox `id`, started for its first container, whose `spec` says
-    /// what the sandbox should be (see `pod.rs`) and whose runtime options
-    /// may name the configuration file (`config_path`) it runs with.
+    /// The sandbox `id`, booted for its first container with its watchers
+    /// (the guest's death, OOM events, the relister). That container's
+    /// `spec` says what the sandbox should be (see `pod.rs`) and its runtime
+    /// options may name the configuration file (`config_path`) it runs with;
+    /// later containers join the sandbox as it is.
     pub(super) async fn ensure_sandbox(
         self: &Arc<Self>,
         id: &str,
@@ -53,6 +53,7 @@ impl Runtime {
                 let request = SandboxRequest {
                     shape: Some(pod::vm_shape(spec, &config.vm)?),
                     netns: pod::network_namespace(spec),
+                    config_path: config_path.map(Path::to_path_buf),
                 };
                 let sandbox = Sandbox::start(id, config, &request).await?;
                 let relister = Arc::new(Relister::new(

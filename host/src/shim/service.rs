@@ -181,11 +181,9 @@ impl Runtime {
         spec: &mut oci::Spec,
     ) -> Result<(u32, Arc<Sandbox>)> {
         let id = &container.id;
-        if let Some(path) = &params.config_path {
-            let file = params.bundle.join(super::CONFIG_PATH_FILE);
-            std::fs::write(&file, path.as_os_str().as_encoded_bytes())
-                .map_err(|e| ShimError::Internal(format!("writing {}: {e}", file.display())))?;
-        }
+        // For the delete action, before a sandbox can exist: the
+        // configuration this container asks its sandbox to run with.
+        record_config_path(&params.bundle, params.config_path.as_deref())?;
         let root = resolve_root(&params.bundle, spec);
         if !params.rootfs.is_empty() {
             let mounted = MountedRootfs::mount(&params.rootfs, &params.bundle.join("rootfs"))
@@ -198,6 +196,11 @@ impl Runtime {
         let sandbox = self
             .ensure_sandbox(&container.sandbox_id, params.config_path.as_deref(), spec)
             .await?;
+        if sandbox.config_path() != params.config_path.as_deref() {
+            // A later container of the pod: its sandbox runs with what its
+            // first container asked for, and that is where delete must look.
+            record_config_path(&params.bundle, sandbox.config_path())?;
+        }
         // The runtime environment exists (the VM, the rootfs at the
         // bundle); nothing of the container is in the guest yet. Here,
         // rather than after CreateContainer, so that the order of the
@@ -639,6 +642,20 @@ async fn copy_into_vm(agent: &AgentClient, id: &str, spec: &mut oci::Spec) -> Re
         })?;
     spec.Mounts = mounts;
     Ok(())
+}
+
+/// Records in `bundle` the configuration file (`None`: the default one)
+/// the container's sandbox runs with, for the shim's delete action.
+fn record_config_path(bundle: &Path, path: Option<&Path>) -> Result<()> {
+    let file = bundle.join(super::CONFIG_PATH_FILE);
+    let written = match path {
+        Some(path) => std::fs::write(&file, path.as_os_str().as_encoded_bytes()),
+        None => match std::fs::remove_file(&file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    written.map_err(|e| ShimError::Internal(format!("recording {}: {e}", file.display())))
 }
 
 #[cfg(test)]
