@@ -212,17 +212,18 @@ fn pairs(items: &[String]) -> anyhow::Result<HashMap<String, String>> {
         .collect()
 }
 
-/// `--cpus` and `--memory` (MiB) as CRI's CPU count and memory bytes.
+/// A CPU count and MiB of memory (pod or container flags) as CRI's CPU
+/// count and memory bytes.
 fn limits(cpus: Option<f64>, memory_mib: Option<i64>) -> anyhow::Result<(f64, i64)> {
     let cpus = cpus.unwrap_or(0.0);
     if !cpus.is_finite() || cpus < 0.0 {
-        bail!("--cpus {cpus}: expected a number of CPUs, 0 or more");
+        bail!("{cpus} CPUs: expected a number of CPUs, 0 or more");
     }
     let mib = memory_mib.unwrap_or(0);
     let memory = mib
         .checked_mul(1 << 20)
         .filter(|bytes| *bytes >= 0)
-        .with_context(|| format!("--memory {mib}: expected MiB, 0 or more"))?;
+        .with_context(|| format!("{mib} MiB of memory: expected 0 or more, below 2^43"))?;
     Ok((cpus, memory))
 }
 
