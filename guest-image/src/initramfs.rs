@@ -50,9 +50,13 @@ impl Archive {
     /// Adds `node` at `path`, creating missing parent directories (0755).
     pub fn insert(&mut self, path: &str, node: Node) -> Result<(), CpioError> {
         let parts: Vec<&str> = path.split('/').collect();
-        if parts
-            .iter()
-            .any(|p| p.is_empty() || *p == "." || *p == "..")
+        // The trailer's name ends an archive: an entry of that name, or
+        // the implied parent directory of one below it, would cut off
+        // everything written after it.
+        if parts[0] == TRAILER
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == "..")
         {
             return Err(CpioError::BadPath(path.into()));
         }
@@ -299,7 +303,15 @@ mod tests {
     #[test]
     fn bad_paths_are_refused() {
         let mut a = Archive::new();
-        for p in ["/init", "a/../b", "", "a//b", "./x"] {
+        for p in [
+            "/init",
+            "a/../b",
+            "",
+            "a//b",
+            "./x",
+            "TRAILER!!!",
+            "TRAILER!!!/bin",
+        ] {
             assert_eq!(
                 a.insert(p, Node::Dir { mode: 0o755 }),
                 Err(CpioError::BadPath(p.into()))
