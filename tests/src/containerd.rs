@@ -257,15 +257,10 @@ impl Containerd {
         assert_eq!(tasks.trim(), "", "tasks left");
         let containers = text(&self.ctr(&["container", "ls", "-q"]).stdout);
         assert_eq!(containers.trim(), "", "containers left");
-        // Shims exit after containerd's Shutdown; give them a moment.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.leftover_processes().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(
-            self.leftover_processes(),
-            vec![],
-            "shim or agent processes left"
+        assert_processes_end(
+            || self.leftover_processes(),
+            Duration::from_secs(10),
+            "shim or agent processes left",
         );
         let sandboxes = self.path().join("sandboxes");
         let left: Vec<_> = std::fs::read_dir(&sandboxes)
@@ -288,6 +283,16 @@ impl Containerd {
     pub fn leftover_processes(&self) -> Vec<(u32, String)> {
         processes_mentioning(self.path(), self.child.id())
     }
+}
+
+/// Waits up to `within` for `scan` to find no process (shims exit after
+/// containerd's Shutdown: they get a moment), then asserts it finds none.
+pub fn assert_processes_end(scan: impl Fn() -> Vec<(u32, String)>, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while !scan().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(scan(), vec![], "{what}");
 }
 
 /// Live processes other than this one and `except` whose command line

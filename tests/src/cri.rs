@@ -418,15 +418,10 @@ state = "{state}"
     /// No shim, agent, VM or vsock backend process, mount under the temp
     /// dir or Kestrel sandbox state left (whatever CRI still lists).
     pub fn assert_nothing_running(&self) {
-        // Shims exit after containerd's Shutdown; give them a moment.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.leftover_processes().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(
-            self.leftover_processes(),
-            vec![],
-            "shim, agent, VM or vsock backend processes left"
+        crate::containerd::assert_processes_end(
+            || self.leftover_processes(),
+            Duration::from_secs(20),
+            "shim, agent, VM or vsock backend processes left",
         );
         assert_eq!(
             self.sandbox_state_left(),
