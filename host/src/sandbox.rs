@@ -139,6 +139,7 @@ impl Sandbox {
             agent_log_level: config.sandbox.agent_log_level.clone(),
             vm: Some(vm),
             netns: request.netns.clone(),
+            nics: Vec::new(),
         };
         let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
         let hv_err = |source| SandboxError::Hypervisor {

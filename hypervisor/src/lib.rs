@@ -46,6 +46,36 @@ pub struct SandboxSpec {
     /// (a CRI pod's CNI namespace). The process backend runs its agent in
     /// it, so a pod on the host gets the pod's network and never the host's.
     pub netns: Option<PathBuf>,
+    /// The guest's network cards, in order (the first is the guest's
+    /// `eth0` until the agent renames it). Empty: the guest has only
+    /// loopback. The process backend refuses none of them and uses none:
+    /// its agent already lives in `netns`.
+    pub nics: Vec<GuestNic>,
+}
+
+/// One virtio-net card of the guest, backed by a tap on the host.
+#[derive(Debug, Clone)]
+pub struct GuestNic {
+    /// The tap, opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (frames
+    /// carry a virtio-net header) in the pod's network namespace. The VMM
+    /// inherits this descriptor; the tap lives as long as one is open.
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// The card's MAC address as the guest sees it: the CNI interface's,
+    /// so the pod's neighbours need not learn a new one.
+    pub mac: [u8; 6],
+    /// The MTU of the interface it stands for.
+    pub mtu: u32,
+}
+
+impl GuestNic {
+    /// The MAC as `aa:bb:cc:dd:ee:ff`, the form every VMM's command line takes.
+    pub fn mac_string(&self) -> String {
+        let m = self.mac;
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 /// What a VM backend boots: our guest image and the VM's size.

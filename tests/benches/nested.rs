@@ -389,6 +389,7 @@ async fn boot(
             kernel_params: String::new(),
         }),
         netns: None,
+        nics: Vec::new(),
     };
     let mut hv = launcher(setup.vmm, binaries);
     hv.prepare(&spec)

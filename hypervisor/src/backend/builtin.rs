@@ -117,6 +117,7 @@ mod tests {
                 kernel_params: "debug".into(),
             }),
             netns: None,
+            nics: Vec::new(),
         }
     }
 

@@ -197,6 +197,7 @@ mod tests {
             agent_log_level: "info".into(),
             vm: Some(vm(dir)),
             netns: None,
+            nics: Vec::new(),
         }
     }
 

@@ -133,6 +133,7 @@ mod tests {
             agent_log_level: "info".into(),
             vm: None,
             netns: None,
+            nics: Vec::new(),
         }
     }
 

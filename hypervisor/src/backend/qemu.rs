@@ -349,6 +349,7 @@ mod tests {
             agent_log_level: "info".into(),
             vm: Some(vm.clone()),
             netns: None,
+            nics: Vec::new(),
         };
         let p = Prepared {
             spec,
