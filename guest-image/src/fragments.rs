@@ -181,6 +181,7 @@ mod tests {
             "CONFIG_CGROUP_FREEZER",
             "CONFIG_SERIAL_8250_CONSOLE",
             "CONFIG_BLK_DEV_INITRD",
+            "CONFIG_VIRTIO_NET",
         ] {
             assert!(
                 all.iter()

@@ -394,6 +394,58 @@ impl AgentClient {
         rpc!(self, self.timed(), copy_file, "CopyFile", req).map(drop)
     }
 
+    /// Gives the guest's card with `interface.hwAddr` its name, MTU and
+    /// addresses, and brings it up.
+    pub async fn update_interface(
+        &self,
+        interface: kestrel_protocols::types::Interface,
+    ) -> Result<(), AgentError> {
+        let req = UpdateInterfaceRequest {
+            interface: Some(interface).into(),
+            ..Default::default()
+        };
+        rpc!(self, self.timed(), update_interface, "UpdateInterface", req).map(drop)
+    }
+
+    /// Makes `routes` the guest's routes on the interfaces they name.
+    pub async fn update_routes(
+        &self,
+        routes: Vec<kestrel_protocols::types::Route>,
+    ) -> Result<(), AgentError> {
+        let req = UpdateRoutesRequest {
+            routes: Some(Routes {
+                Routes: routes,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        rpc!(self, self.timed(), update_routes, "UpdateRoutes", req).map(drop)
+    }
+
+    /// Adds permanent neighbour entries in the guest.
+    pub async fn add_arp_neighbors(
+        &self,
+        neighbors: Vec<kestrel_protocols::types::ARPNeighbor>,
+    ) -> Result<(), AgentError> {
+        let req = AddARPNeighborsRequest {
+            neighbors: Some(ARPNeighbors {
+                ARPNeighbors: neighbors,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        rpc!(
+            self,
+            self.timed(),
+            add_arp_neighbors,
+            "AddARPNeighbors",
+            req
+        )
+        .map(drop)
+    }
+
     /// Waits, without a deadline, for the next OOM kill in the sandbox.
     pub async fn get_oom_event(&self) -> Result<String, AgentError> {
         let req = GetOOMEventRequest::new();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dial;
 pub mod hooks;
 pub mod lifecycle;
+pub mod network;
 pub mod oci;
 pub mod pod;
 pub mod rootfs;

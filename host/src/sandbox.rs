@@ -20,6 +20,11 @@ use crate::lifecycle::relist::{HealthReport, HEALTH_FILE};
 /// containerd cannot reach the shim) find what to clean up.
 const RECORD: &str = "sandbox.json";
 
+/// The file naming the pod network namespace whose interfaces the guest's
+/// cards mirror: written before the VM starts, so `delete` can undo the
+/// mirroring whenever the shim died.
+const NETNS_RECORD: &str = "netns";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("sandbox {id}")]
@@ -46,6 +51,12 @@ pub enum SandboxError {
     DiedEarly { id: String, exit: GuestExit },
     #[error("sandbox {id}: {message}")]
     Record { id: String, message: String },
+    #[error("sandbox {id}: {source}")]
+    Network {
+        id: String,
+        #[source]
+        source: crate::network::tcfilter::NetworkError,
+    },
     #[error(transparent)]
     InvalidId(#[from] kestrel_protocols::id::IdError),
 }
@@ -66,6 +77,8 @@ pub struct Sandbox {
     agent: AgentClient,
     stop_grace: Duration,
     config_path: Option<PathBuf>,
+    /// The pod network namespace the guest's cards are mirrored into.
+    netns: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -132,7 +145,17 @@ impl Sandbox {
         if let Some(shape) = request.shape {
             vm.shape = shape;
         }
-        let spec = SandboxSpec {
+        // A VM reaches the pod's network through taps mirrored to the CNI's
+        // interfaces; the process backend's agent lives in the namespace.
+        let netns = request
+            .netns
+            .clone()
+            .filter(|_| hypervisor.backend() != Backend::Process);
+        let network = match &netns {
+            Some(netns) => Some(attach_network(id, netns).await?),
+            None => None,
+        };
+        let mut spec = SandboxSpec {
             id: id.into(),
             state_dir: state_dir.clone(),
             agent_path: config.sandbox.agent_path.clone(),
@@ -141,15 +164,30 @@ impl Sandbox {
             netns: request.netns.clone(),
             nics: Vec::new(),
         };
+        if let Some(network) = &network {
+            spec.nics = network.nics.clone();
+        }
         let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
         let hv_err = |source| SandboxError::Hypervisor {
             id: id.into(),
             source,
         };
-        hypervisor.prepare(&spec).await.map_err(hv_err)?;
         let connected = async {
+            hypervisor.prepare(&spec).await.map_err(hv_err)?;
+            if let Some(netns) = &netns {
+                write_file(
+                    id,
+                    &state_dir,
+                    NETNS_RECORD,
+                    netns.as_os_str().as_encoded_bytes(),
+                )?;
+            }
             hypervisor.start().await.map_err(hv_err)?;
             let agent = connect_agent(id, hypervisor.as_ref(), config).await?;
+            let agent_err = |source| SandboxError::Agent {
+                id: id.into(),
+                source: Box::new(source),
+            };
             agent
                 .create_sandbox(CreateSandboxRequest {
                     sandbox_id: id.into(),
@@ -157,10 +195,12 @@ impl Sandbox {
                     ..Default::default()
                 })
                 .await
-                .map_err(|source| SandboxError::Agent {
-                    id: id.into(),
-                    source: Box::new(source),
-                })?;
+                .map_err(agent_err)?;
+            if let Some(network) = network {
+                configure_guest_network(&agent, network)
+                    .await
+                    .map_err(agent_err)?;
+            }
             let record = SandboxRecord {
                 id: id.into(),
                 backend: hypervisor.name().into(),
@@ -181,6 +221,7 @@ impl Sandbox {
                     agent,
                     stop_grace: grace,
                     config_path: request.config_path.clone(),
+                    netns,
                 }))
             }
             Err(e) => {
@@ -190,6 +231,9 @@ impl Sandbox {
                         error = crate::error_chain(&stop),
                         "cleaning up after a failed start"
                     );
+                }
+                if let Some(netns) = &netns {
+                    detach_network(id, netns).await;
                 }
                 Err(e)
             }
@@ -275,6 +319,9 @@ impl Sandbox {
                 id: self.id.clone(),
                 source,
             })?;
+        if let Some(netns) = &self.netns {
+            detach_network(&self.id, netns).await;
+        }
         tracing::info!(sandbox_id = %self.id, ?exit, "sandbox stopped");
         Ok(exit)
     }
@@ -305,15 +352,81 @@ async fn connect_agent(
     }
 }
 
+/// Mirrors the pod's interfaces in `netns` to taps for the guest.
+async fn attach_network(
+    id: &str,
+    netns: &Path,
+) -> Result<crate::network::tcfilter::PodNetwork, SandboxError> {
+    let path = netns.to_path_buf();
+    let attached = tokio::task::spawn_blocking(move || crate::network::tcfilter::attach(&path))
+        .await
+        .unwrap_or_else(|e| Err(join_failed(e)));
+    let network = attached.map_err(|source| SandboxError::Network {
+        id: id.into(),
+        source,
+    })?;
+    tracing::info!(sandbox_id = id, netns = %netns.display(), cards = network.nics.len(), "pod network mirrored");
+    Ok(network)
+}
+
+fn join_failed(e: tokio::task::JoinError) -> crate::network::tcfilter::NetworkError {
+    crate::network::tcfilter::NetworkError::Namespace {
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Undoes [`attach_network`]; a failure is logged, not returned: the
+/// sandbox is going away whatever it says.
+async fn detach_network(id: &str, netns: &Path) {
+    let path = netns.to_path_buf();
+    let detached = tokio::task::spawn_blocking(move || crate::network::tcfilter::detach(&path))
+        .await
+        .unwrap_or_else(|e| Err(join_failed(e)));
+    if let Err(e) = detached {
+        tracing::warn!(
+            sandbox_id = id,
+            error = crate::error_chain(&e),
+            "undoing the pod network"
+        );
+    }
+}
+
+/// Tells the agent what the guest's cards stand for, in Kata's order:
+/// interfaces, then routes, then pinned neighbours.
+async fn configure_guest_network(
+    agent: &AgentClient,
+    network: crate::network::tcfilter::PodNetwork,
+) -> Result<(), AgentError> {
+    for interface in network.interfaces {
+        agent.update_interface(interface).await?;
+    }
+    if !network.routes.is_empty() {
+        agent.update_routes(network.routes).await?;
+    }
+    if !network.neighbors.is_empty() {
+        agent.add_arp_neighbors(network.neighbors).await?;
+    }
+    Ok(())
+}
+
 fn write_record(dir: &Path, record: &SandboxRecord) -> Result<(), SandboxError> {
-    let fail = |message: String| SandboxError::Record {
+    let json = serde_json::to_vec(record).map_err(|e| SandboxError::Record {
         id: record.id.clone(),
+        message: e.to_string(),
+    })?;
+    write_file(&record.id, dir, RECORD, &json)
+}
+
+/// Writes `name` in `dir` whole or not at all.
+fn write_file(id: &str, dir: &Path, name: &str, contents: &[u8]) -> Result<(), SandboxError> {
+    let fail = |message: String| SandboxError::Record {
+        id: id.into(),
         message,
     };
-    let json = serde_json::to_vec(record).map_err(|e| fail(e.to_string()))?;
-    let tmp = dir.join(format!("{RECORD}.tmp"));
-    std::fs::write(&tmp, json).map_err(|e| fail(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, dir.join(RECORD))
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, contents).map_err(|e| fail(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, dir.join(name))
         .map_err(|e| fail(format!("renaming {}: {e}", tmp.display())))
 }
 
@@ -355,6 +468,19 @@ pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord
             )));
         }
         kill_if_ours(record.pid, &dir);
+    }
+    // With its VMM gone, the taps are ours to remove; the network namespace
+    // may be gone already, and then there is nothing left in it.
+    if let Ok(netns) = std::fs::read(dir.join(NETNS_RECORD)) {
+        use std::os::unix::ffi::OsStrExt;
+        let netns = Path::new(std::ffi::OsStr::from_bytes(&netns));
+        if let Err(e) = crate::network::tcfilter::detach(netns) {
+            tracing::warn!(
+                sandbox_id = id,
+                error = crate::error_chain(&e),
+                "undoing the pod network"
+            );
+        }
     }
     kestrel_hypervisor::state_dir::remove(&dir).map_err(|source| SandboxError::Hypervisor {
         id: id.into(),

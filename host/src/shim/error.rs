@@ -13,6 +13,7 @@ use crate::config::ConfigError;
 use crate::hooks::HookError;
 use crate::lifecycle::registry::RegistryError;
 use crate::lifecycle::state::IllegalTransition;
+use crate::network::tcfilter::NetworkError;
 use crate::oci::SpecError;
 use crate::pod::SizingError;
 use crate::rootfs::RootfsError;
@@ -115,6 +116,19 @@ impl ShimError {
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
             // The agent's own verdict carries through (NOT_FOUND stays NOT_FOUND).
             ShimError::Agent { source, .. } => source.code().unwrap_or(Code::UNAVAILABLE),
+            // The pod's network namespace is gone, or holds an interface no
+            // VM card can stand for: nothing a retry would change.
+            ShimError::Sandbox(e)
+                if matches!(
+                    **e,
+                    SandboxError::Network {
+                        source: NetworkError::Namespace { .. } | NetworkError::Unmirrorable { .. },
+                        ..
+                    }
+                ) =>
+            {
+                Code::FAILED_PRECONDITION
+            }
             ShimError::Sandbox(_) | ShimError::SandboxStartFailed { .. } => Code::UNAVAILABLE,
             ShimError::CopyIntoVm { .. } | ShimError::Internal(_) => Code::INTERNAL,
             // The spec's own hook refused, or could not be run here.

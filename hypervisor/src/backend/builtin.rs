@@ -3,6 +3,7 @@
 //! with `CONNECT 1024`. It needs KVM that runs guests natively.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ impl Builtin {
 /// The `kestrel-vmm` command line (program first) that boots `vm`.
 fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString> {
     let dir = &spec.state_dir;
-    vec![
+    let mut argv: Vec<OsString> = vec![
         binary.into(),
         "--kernel".into(),
         vm.kernel.clone().into(),
@@ -53,7 +54,20 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         dir.join("console.log").into(),
         "--log-level".into(),
         "info".into(),
-    ]
+    ];
+    for nic in &spec.nics {
+        argv.push("--net".into());
+        argv.push(
+            format!(
+                "tap-fd={},mac={},mtu={}",
+                nic.tap.as_raw_fd(),
+                nic.mac_string(),
+                nic.mtu
+            )
+            .into(),
+        );
+    }
+    argv
 }
 
 #[async_trait]

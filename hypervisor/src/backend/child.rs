@@ -3,7 +3,7 @@
 //! its own process group with its output in a log and its exit watched.
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::select::find_program;
-use crate::{wait_exit, Error, GuestExit, SandboxSpec, VmSpec, BASE_KERNEL_PARAMS};
+use crate::{wait_exit, Error, GuestExit, GuestNic, SandboxSpec, VmSpec, BASE_KERNEL_PARAMS};
 
 pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
@@ -89,17 +89,32 @@ impl Child {
 
     /// Starts `argv` with stdout and stderr in `log`.
     pub fn spawn(&self, sandbox_id: &str, argv: &[OsString], log: &Path) -> Result<(), Error> {
-        self.spawn_in(sandbox_id, argv, log, None)
+        self.spawn_in(sandbox_id, argv, log, None, &[])
+    }
+
+    /// [`Child::spawn`], the program inheriting the guest's taps (its
+    /// command line names their descriptor numbers, which a fork keeps).
+    pub fn spawn_with_nics(
+        &self,
+        sandbox_id: &str,
+        argv: &[OsString],
+        log: &Path,
+        nics: &[GuestNic],
+    ) -> Result<(), Error> {
+        let taps: Vec<_> = nics.iter().map(|nic| nic.tap.as_raw_fd()).collect();
+        self.spawn_in(sandbox_id, argv, log, None, &taps)
     }
 
     /// [`Child::spawn`], with the program in the network namespace `netns`
-    /// (a file such as `/var/run/netns/cni-…`) when one is given.
+    /// (a file such as `/var/run/netns/cni-…`) when one is given, and the
+    /// descriptors `inherit` left open across its exec.
     pub fn spawn_in(
         &self,
         sandbox_id: &str,
         argv: &[OsString],
         log: &Path,
         netns: Option<&Path>,
+        inherit: &[RawFd],
     ) -> Result<(), Error> {
         if self.pid().is_some() {
             return Err(Error::AlreadyStarted(self.name, "start"));
@@ -125,6 +140,21 @@ impl Child {
             // Its own process group: a Ctrl-C meant for whoever started the
             // runtime must not take the sandbox down behind its back.
             .process_group(0);
+        if !inherit.is_empty() {
+            let inherit = inherit.to_vec();
+            // SAFETY: fcntl(2) is async-signal-safe; the descriptors are the
+            // caller's, open for as long as this call runs.
+            unsafe {
+                command.pre_exec(move || {
+                    for &fd in &inherit {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(netns) = netns {
             // SAFETY: setns(2) is async-signal-safe; the closure only reads
             // a descriptor opened before the fork.
@@ -284,10 +314,11 @@ impl SingleVmm {
             .vm
             .as_ref()
             .ok_or(Error::NotPrepared(self.backend, "start"))?;
-        self.vmm.spawn(
+        self.vmm.spawn_with_nics(
             &spec.id,
             &argv(binary, spec, vm),
             &spec.state_dir.join("vmm.log"),
+            &spec.nics,
         )
     }
 

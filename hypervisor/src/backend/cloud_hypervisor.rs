@@ -9,6 +9,7 @@
 //! outweigh two bodiless PUTs whose answers only matter as "2xx or not".
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -61,7 +62,7 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         arg.push(path);
         arg
     };
-    vec![
+    let mut argv: Vec<OsString> = vec![
         binary.into(),
         "--kernel".into(),
         vm.kernel.clone().into(),
@@ -81,7 +82,21 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         joined("file=", dir.join("console.log")),
         "--console".into(),
         "off".into(),
-    ]
+    ];
+    // Cloud Hypervisor takes every card after one `--net`; `fd=` is a tap
+    // it inherits, as Kata passes them.
+    if !spec.nics.is_empty() {
+        argv.push("--net".into());
+        argv.extend(spec.nics.iter().map(|nic| {
+            OsString::from(format!(
+                "fd={},mac={},mtu={}",
+                nic.tap.as_raw_fd(),
+                nic.mac_string(),
+                nic.mtu
+            ))
+        }));
+    }
+    argv
 }
 
 /// Sends `PUT endpoint` with no body to the API on `socket`; succeeds on a

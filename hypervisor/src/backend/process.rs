@@ -88,6 +88,7 @@ impl Hypervisor for Process {
             &argv,
             &spec.state_dir.join("agent.log"),
             spec.netns.as_deref(),
+            &[],
         )
     }
 

@@ -14,6 +14,7 @@
 //! lacks unless asked: with one, and `-no-reboot`, QEMU exits by itself.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,6 +161,21 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
         "-serial".into(),
         serial,
     ]);
+    // One virtio-net card per tap, in order: the guest's eth0 is the first.
+    // QEMU reads IFF_VNET_HDR off the descriptor and passes offloads on.
+    for (i, nic) in p.spec.nics.iter().enumerate() {
+        argv.extend([
+            "-netdev".into(),
+            format!("tap,id=net{i},fd={},vhost=off", nic.tap.as_raw_fd()).into(),
+            "-device".into(),
+            format!(
+                "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
+                nic.mac_string(),
+                nic.mtu
+            )
+            .into(),
+        ]);
+    }
     argv
 }
 
@@ -230,10 +246,12 @@ impl Hypervisor for Qemu {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if let Err(e) = self
-            .qemu
-            .spawn(&p.spec.id, &qemu_command(p, vm), &dir.join("vmm.log"))
-        {
+        if let Err(e) = self.qemu.spawn_with_nics(
+            &p.spec.id,
+            &qemu_command(p, vm),
+            &dir.join("vmm.log"),
+            &p.spec.nics,
+        ) {
             self.backend.kill("QEMU did not start");
             return Err(e);
         }
