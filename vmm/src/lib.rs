@@ -2,7 +2,8 @@
 //!
 //! - [`vm`]: one KVM VM with an in-kernel irqchip and PIT, the x86_64 Linux
 //!   boot protocol, an 8250 console, an i8042 whose reset ends the VM, and
-//!   a virtio-vsock device on virtio-mmio.
+//!   on virtio-mmio a virtio-vsock device and virtio-net devices on taps
+//!   the caller opened (`--net`).
 //! - [`vsock`]: the vsock device's core (muxer, connections, the
 //!   Firecracker-style hybrid Unix socket), independent of any transport.
 //! - [`vhost_user`]: the same core served to QEMU as a vhost-user vsock

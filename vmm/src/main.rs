@@ -1,5 +1,5 @@
-//! `kestrel-vmm`: boots a Linux guest on KVM with a serial console and a
-//! Firecracker-compatible hybrid vsock socket.
+//! `kestrel-vmm`: boots a Linux guest on KVM with a serial console, a
+//! Firecracker-compatible hybrid vsock socket, and NICs on inherited taps.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kestrel_vmm::seccomp::{self, Filter, ThreadKind};
+use kestrel_vmm::vm::virtio::net::NetConfig;
 use kestrel_vmm::vm::{SerialOut, Vm, VmConfig, VmExit, VmShape, DEFAULT_CMDLINE};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -46,6 +47,15 @@ struct Args {
     /// The guest's vsock context id.
     #[arg(long, value_name = "CID", default_value_t = kestrel_vmm::vsock::DEFAULT_GUEST_CID)]
     vsock_cid: u64,
+    /// A guest NIC on a tap this process inherited, opened by the caller
+    /// with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; repeat for more NICs, the
+    /// first is the guest's eth0. mtu defaults to 1500, offload (checksum,
+    /// TSO, UFO, passed through to the tap) to on.
+    #[arg(
+        long = "net",
+        value_name = "tap-fd=N,mac=aa:bb:cc:dd:ee:ff[,mtu=N][,offload=on|off]"
+    )]
+    nets: Vec<NetConfig>,
     /// Where the serial console goes: a file, or `stdout`.
     #[arg(long, value_name = "FILE|stdout", default_value = "stdout")]
     serial: String,
@@ -127,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<VmExit> {
         },
         vsock_uds: args.vsock_uds,
         vsock_cid: args.vsock_cid,
+        nets: args.nets,
         serial: match args.serial.as_str() {
             "stdout" => SerialOut::Stdout,
             path => SerialOut::File(path.into()),

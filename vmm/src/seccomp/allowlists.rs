@@ -92,6 +92,7 @@ pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>,
         ThreadKind::Vmm => vmm(&mut l)?,
         ThreadKind::Vcpu => vcpu(&mut l)?,
         ThreadKind::Vsock => vsock(&mut l)?,
+        ThreadKind::Net => net(&mut l)?,
         ThreadKind::VhostUser => vhost_user(&mut l)?,
         ThreadKind::Signals => signals(&mut l),
     }
@@ -204,6 +205,22 @@ fn vsock(l: &mut AllowList) -> Result<(), BackendError> {
         ],
     )?;
     l.any(SYS_connect);
+    Ok(())
+}
+
+fn net(l: &mut AllowList) -> Result<(), BackendError> {
+    use libc::*;
+    // The event loop: queue kicks, the tap (added while the guest has RX
+    // buffers, removed while it has none), the kill event.
+    l.any(SYS_epoll_wait);
+    l.any(SYS_epoll_pwait);
+    l.any(SYS_epoll_ctl);
+    // Eventfds, and frames from the tap (frames to it are `write`s, which
+    // every thread may make). Taps were opened, checked and given their
+    // header size before any filter; only the offloads wait for the
+    // guest's driver.
+    l.any(SYS_read);
+    l.when(SYS_ioctl, &[eq(1, TUNSETOFFLOAD as i64)])?;
     Ok(())
 }
 

@@ -63,6 +63,10 @@ pub enum ThreadKind {
     /// thread, or vhost-user-backend's vring worker. It moves packets
     /// between guest memory and the hybrid vsock's Unix sockets.
     Vsock,
+    /// A virtio-net device thread: moves frames between guest memory and
+    /// its tap, and sets the tap's offloads when the guest's driver starts
+    /// the device.
+    Net,
     /// `kestrel-vmm vhost-user-vsock`'s main thread once the backend is set
     /// up, and the vhost-user protocol thread it starts: accepts QEMU,
     /// maps the guest memory QEMU sends, starts threads.
@@ -73,10 +77,11 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Vsock,
+        ThreadKind::Net,
         ThreadKind::VhostUser,
         ThreadKind::Signals,
     ];
@@ -88,6 +93,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Vsock => "vsock",
+            ThreadKind::Net => "net",
             ThreadKind::VhostUser => "vhost-user",
             ThreadKind::Signals => "signals",
         })

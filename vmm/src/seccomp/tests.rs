@@ -1,7 +1,8 @@
 //! The filters compile, and installed they do what the module promises:
 //! a disallowed call ends the process with [`EXIT_STATUS`] and a line that
 //! names it; `openat` and `clone3` fail with ENOSYS; the vhost-user threads
-//! can start threads and cannot fork.
+//! can start threads and cannot fork; a net device thread moves frames and
+//! sets a tap's offloads, and nothing else on the tap.
 //!
 //! A filter cannot be taken off again, so each installing test runs itself
 //! again as a child process (`CHILD_ENV` set), whose thread confines itself
@@ -62,6 +63,13 @@ fn every_thread_kinds_filter_compiles_for_x86_64() {
 fn kvm_ioctl_numbers_are_the_kernels() {
     assert_eq!(super::allowlists::KVM_RUN(), 0xae80);
     assert_eq!(super::allowlists::KVM_GET_REGS(), 0x8090_ae81);
+}
+
+#[test]
+fn tap_ioctl_numbers_are_the_kernels() {
+    assert_eq!(libc::TUNSETOFFLOAD, 0x4004_54d0);
+    assert_eq!(libc::TUNGETIFF, 0x8004_54d2);
+    assert_eq!(libc::TUNSETVNETHDRSZ, 0x4004_54d8);
 }
 
 #[test]
@@ -176,4 +184,90 @@ fn the_vhost_user_filter_kills_a_fork() {
         "{}",
         stderr(&output)
     );
+}
+
+/// A `SOCK_SEQPACKET` pair, the tap's stand-in in the net device's tests.
+fn frame_pair() -> (std::fs::File, std::fs::File) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    (a.into(), b.into())
+}
+
+#[test]
+fn the_net_filter_moves_frames_and_sets_offloads() {
+    if in_child() {
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        let (mut ours, mut theirs) = frame_pair();
+        // The device creates its event set before the thread confines
+        // itself; the thread adds the tap to it and removes it again.
+        let epoll = Epoll::new().expect("epoll");
+        confined_thread("kestrel-net0", ThreadKind::Net, move || {
+            use std::io::{Read, Write};
+            use std::os::fd::AsRawFd;
+            let fd = ours.as_raw_fd();
+            let watch = |op| {
+                let event = EpollEvent::new(EventSet::IN, 2);
+                epoll.ctl(op, fd, event).is_ok()
+            };
+            let mut events = [EpollEvent::default(); 4];
+            let mut frame = [0u8; 64];
+            let moved = watch(ControlOperation::Add)
+                && theirs.write_all(b"frame").is_ok()
+                && epoll.wait(1000, &mut events).ok() == Some(1)
+                && ours.read(&mut frame).ok() == Some(5)
+                && ours.write_all(b"reply").is_ok()
+                && watch(ControlOperation::Delete);
+            // Not a tap, so the ioctl fails; the filter lets it through.
+            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            let offload = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
+            i32::from(!(moved && offload < 0))
+        });
+    }
+    let output = run_child("the_net_filter_moves_frames_and_sets_offloads");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn the_net_filter_kills_any_other_tap_ioctl() {
+    if in_child() {
+        let (ours, _theirs) = frame_pair();
+        confined_thread("kestrel-net0", ThreadKind::Net, move || {
+            use std::os::fd::AsRawFd;
+            let mut ifreq = [0u8; 40];
+            // SAFETY: the filter stops the call before the kernel reads
+            // `ifreq`, which is 40 bytes like `struct ifreq` anyway.
+            unsafe { libc::ioctl(ours.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) };
+            0
+        });
+    }
+    let output = run_child("the_net_filter_kills_any_other_tap_ioctl");
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_STATUS),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("thread kestrel-net0 made a disallowed syscall 16 (ioctl)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_net_device_serves_its_queues_under_the_net_filter() {
+    if in_child() {
+        let filter = Filter::new(ThreadKind::Net).expect("building the net filter");
+        crate::vm::virtio::net::tests::serve_both_queues(Some(filter));
+        // SAFETY: ends the child at once, as its harness would only print.
+        unsafe { libc::_exit(0) }
+    }
+    let output = run_child("a_net_device_serves_its_queues_under_the_net_filter");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }

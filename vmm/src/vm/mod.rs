@@ -1,7 +1,8 @@
 //! The builtin KVM VMM behind `kestrel-vmm`: one KVM VM with an in-kernel
 //! irqchip and PIT, guest RAM from `vm-memory`, vCPU threads, an 8250 on
-//! COM1, an i8042 whose reset ends the VM, and optionally a virtio-vsock
-//! device on virtio-mmio with a Firecracker-style hybrid Unix socket.
+//! COM1, an i8042 whose reset ends the VM, and on virtio-mmio optionally a
+//! virtio-vsock device with a Firecracker-style hybrid Unix socket and
+//! virtio-net devices on taps the caller opened.
 //!
 //! [`Vm::new`] builds everything (kernel loaded, devices wired, vCPUs set
 //! up) without running the guest; [`Vm::run`] starts the vCPUs and waits
@@ -9,7 +10,7 @@
 //! caller's stop fd becomes readable.
 //!
 //! Each thread confines itself with its [`crate::seccomp`] filter as it
-//! starts (the vsock device thread in [`Vm::new`], the vCPU threads and
+//! starts (the device threads in [`Vm::new`], the vCPU threads and
 //! then the calling thread in [`Vm::run`]), unless the config says not to.
 
 pub mod boot;
@@ -40,6 +41,7 @@ use self::devices::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN, I8042, I8042_BA
 pub use self::vcpu::VmExit;
 use self::vcpu::{ExitSlot, VcpuThread};
 use self::virtio::mmio::MMIO_LEN;
+use self::virtio::net::{NetConfig, NetDevice, Tap};
 use self::virtio::vsock::VsockDevice;
 use self::virtio::{GuestMemoryMmap, MmioTransport};
 use crate::seccomp::{Filter, ThreadKind};
@@ -64,6 +66,9 @@ pub enum SerialOut {
 /// reboots, and `reboot=k` makes that an i8042 reset, which ends the VM.
 pub const NO_ACPI: &str = "acpi=off";
 
+/// One GSI each from [`layout::IRQ_BASE`] to [`layout::IRQ_MAX`].
+const MAX_VIRTIO_DEVICES: usize = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
+
 /// Whether `cmdline` already has an `acpi=` option.
 fn names_acpi(cmdline: &str) -> bool {
     cmdline.split_whitespace().any(|w| w.starts_with("acpi="))
@@ -82,6 +87,9 @@ pub struct VmConfig {
     /// The hybrid vsock socket; no vsock device without it.
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: u64,
+    /// One virtio-net device each, in this order after the vsock device,
+    /// so the first is the guest's eth0.
+    pub nets: Vec<NetConfig>,
     pub serial: SerialOut,
     /// Whether the VMM's threads confine themselves with seccomp filters
     /// (`--no-seccomp` turns it off).
@@ -97,6 +105,7 @@ impl VmConfig {
             shape: VmShape::default(),
             vsock_uds: None,
             vsock_cid: crate::vsock::DEFAULT_GUEST_CID,
+            nets: Vec::new(),
             serial: SerialOut::Stdout,
             seccomp: true,
         }
@@ -130,6 +139,12 @@ pub enum VmmError {
     Vsock(#[from] crate::vsock::Error),
     #[error(transparent)]
     VsockDevice(#[from] self::virtio::vsock::Error),
+    #[error(transparent)]
+    Net(#[from] self::virtio::net::Error),
+    #[error("tap-fd {0} is given to more than one --net")]
+    TapFdRepeated(i32),
+    #[error("{0} virtio devices asked for; the VM has interrupts for {max}", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
     #[error("wiring the devices: {0}")]
@@ -179,6 +194,19 @@ impl Vm {
             if uds.symlink_metadata().is_ok() {
                 return Err(crate::vsock::Error::SocketExists(uds.clone()).into());
             }
+        }
+        let devices = usize::from(config.vsock_uds.is_some()) + config.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(VmmError::TooManyDevices(devices));
+        }
+        // Each tap is taken over (and closed with the VM) once; checked,
+        // and its header size set, before any thread confines itself.
+        let mut taps = Vec::with_capacity(config.nets.len());
+        for (i, net) in config.nets.iter().enumerate() {
+            if config.nets[..i].iter().any(|n| n.tap_fd == net.tap_fd) {
+                return Err(VmmError::TapFdRepeated(net.tap_fd));
+            }
+            taps.push(Tap::from_inherited_fd(net.tap_fd).map_err(virtio::net::Error::from)?);
         }
 
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
@@ -230,6 +258,21 @@ impl Vm {
             let filter = filter_if(config.seccomp, ThreadKind::Vsock)?;
             let device = VsockDevice::new(muxer, filter)?;
             add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), 0)?;
+        }
+        let first_net = u32::from(config.vsock_uds.is_some());
+        for (index, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
+            tracing::info!(
+                index,
+                tap = tap.name(),
+                mac = %net.mac,
+                mtu = net.mtu,
+                offload = net.offload,
+                "virtio-net device"
+            );
+            let filter = filter_if(config.seccomp, ThreadKind::Net)?;
+            let device = NetDevice::new(index, tap, net, filter)?;
+            let slot = first_net + index as u32;
+            add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), slot)?;
         }
 
         let vcpu_count = config.shape.vcpus;

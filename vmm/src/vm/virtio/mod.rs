@@ -8,6 +8,7 @@
 //! ready.
 
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 pub use mmio::MmioTransport;
@@ -47,7 +48,7 @@ pub enum ActivateError {
 
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (`VIRTIO_ID_VSOCK` = 19, ...).
+    /// The virtio device id (`VIRTIO_ID_NET` = 1, `VIRTIO_ID_VSOCK` = 19, ...).
     fn device_type(&self) -> u32;
 
     /// The largest size of each queue; the length is the number of queues.
