@@ -1,5 +1,5 @@
 //! Duties of the guest's PID 1: the filesystems every Linux user space
-//! expects, a session, hostname and DNS, the clock, and a clean power-off.
+//! expects, a session, the hostname, the clock, and a clean power-off.
 //! In host mode none of this runs; the agent only becomes a child
 //! subreaper so that it still collects its containers' exits.
 
@@ -177,23 +177,11 @@ pub fn become_subreaper() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Hostname and resolv.conf from CreateSandbox.
-pub fn configure(hostname: &str, dns: &[String]) -> Result<()> {
+/// The guest's hostname from CreateSandbox (resolv.conf and hosts are
+/// [`crate::network`]'s).
+pub fn set_hostname(hostname: &str) -> Result<()> {
     if !hostname.is_empty() {
         sethostname(hostname).map_err(|e| Error::invalid(format!("hostname {hostname:?}: {e}")))?;
-    }
-    if !dns.is_empty() {
-        let mut conf = String::new();
-        for line in dns {
-            if line.contains('\n') {
-                return Err(Error::invalid(format!("DNS entry {line:?} spans lines")));
-            }
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        fs::create_dir_all("/etc").map_err(|e| Error::internal("creating /etc", e))?;
-        fs::write("/etc/resolv.conf", conf)
-            .map_err(|e| Error::internal("writing /etc/resolv.conf", e))?;
     }
     Ok(())
 }

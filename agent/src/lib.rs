@@ -7,12 +7,14 @@
 //! - [`sandbox`]: the containers and processes of this guest,
 //! - [`container`]: OCI spec -> namespaces, rootfs, cgroups, processes,
 //! - [`copy_file`]: CopyFile into the shared directory,
+//! - [`network`]: the guest's links, routes, neighbours, resolv.conf, hosts,
 //! - [`init`], [`reaper`], [`stdio`]: PID 1 duties, exits, process I/O.
 
 pub mod container;
 pub mod copy_file;
 pub mod error;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod server;

@@ -19,6 +19,7 @@ use crate::container::namespaces::PodNamespaces;
 use crate::container::process::Process;
 use crate::container::{checked_signal, Container, Pod};
 use crate::error::{validate_id, Error, Result};
+use crate::network::Network;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::{copy_file, init};
 
@@ -42,6 +43,7 @@ pub struct Sandbox {
     shared_dir: PathBuf,
     /// True when the agent is the guest's PID 1; false in host mode.
     is_init: bool,
+    network: Network,
     containers: Mutex<HashMap<String, Slot>>,
     /// The pod's IPC, UTS and PID namespaces: its first container's.
     pod_namespaces: Mutex<Option<Arc<PodNamespaces>>>,
@@ -60,6 +62,7 @@ impl Sandbox {
             hierarchy: Hierarchy::detect(),
             shared_dir,
             is_init,
+            network: Network::new(is_init),
             containers: Mutex::new(HashMap::new()),
             pod_namespaces: Mutex::new(None),
             sandbox_id: Mutex::new(None),
@@ -85,10 +88,16 @@ impl Sandbox {
         self.container(id)?.process(exec_id)
     }
 
+    /// The guest's links, routes and neighbours (the network RPCs).
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
     pub fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<()> {
         if !req.sandbox_id.is_empty() {
             validate_id("sandbox id", &req.sandbox_id)?;
         }
+        Network::check_sandbox(&req.hostname, &req.dns)?;
         let unsupported = [
             (!req.storages.is_empty(), "storages"),
             (req.sandbox_pidns, "a shared sandbox PID namespace"),
@@ -109,10 +118,11 @@ impl Sandbox {
         std::fs::create_dir_all(&self.shared_dir)
             .map_err(|e| Error::internal(format!("creating {}", self.shared_dir.display()), e))?;
         if self.is_init {
-            init::configure(&req.hostname, &req.dns)?;
+            init::set_hostname(&req.hostname)?;
         } else {
-            tracing::info!(hostname = %req.hostname, "host mode: leaving the host's hostname and DNS alone");
+            tracing::info!(hostname = %req.hostname, "host mode: leaving the host's hostname alone");
         }
+        self.network.configure_sandbox(&req.hostname, &req.dns)?;
         *sandbox_id = Some(req.sandbox_id.clone());
         tracing::info!(sandbox_id = %req.sandbox_id, "sandbox created");
         Ok(())
@@ -167,6 +177,9 @@ impl Sandbox {
             }
             slots.insert(id.to_string(), Slot::Creating);
         }
+        // Containers see the guest's resolv.conf and hosts unless they
+        // mount their own.
+        let spec = self.network.with_guest_files(spec);
         let bundle = self.shared_dir.join(id);
         let pod_namespaces = self.pod_namespaces().clone();
         let pod = Pod {
@@ -178,7 +191,7 @@ impl Sandbox {
             &self.hierarchy,
             id,
             exec_id,
-            spec,
+            &spec,
             &bundle,
             pod,
         )

@@ -206,6 +206,37 @@ agent_service! {{
         empty("CopyFile", self.sandbox.copy_file(&req))
     }
 
+    async fn update_interface(&self, _: &TtrpcContext, req: UpdateInterfaceRequest) -> ttrpc::Result<types::Interface> {
+        self.sandbox.network().update_interface(req.interface.as_ref()).await.map_err(|e| status("UpdateInterface", e))
+    }
+
+    async fn update_routes(&self, _: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+        let given = req.routes.as_ref().map(|r| r.Routes.as_slice()).unwrap_or_default();
+        let routes = self.sandbox.network().update_routes(given).await.map_err(|e| status("UpdateRoutes", e))?;
+        let mut resp = Routes::new();
+        resp.Routes = routes;
+        Ok(resp)
+    }
+
+    async fn list_interfaces(&self, _: &TtrpcContext, _: ListInterfacesRequest) -> ttrpc::Result<Interfaces> {
+        let interfaces = self.sandbox.network().list_interfaces().await.map_err(|e| status("ListInterfaces", e))?;
+        let mut resp = Interfaces::new();
+        resp.Interfaces = interfaces;
+        Ok(resp)
+    }
+
+    async fn list_routes(&self, _: &TtrpcContext, _: ListRoutesRequest) -> ttrpc::Result<Routes> {
+        let routes = self.sandbox.network().list_routes().await.map_err(|e| status("ListRoutes", e))?;
+        let mut resp = Routes::new();
+        resp.Routes = routes;
+        Ok(resp)
+    }
+
+    async fn add_arp_neighbors(&self, _: &TtrpcContext, req: AddARPNeighborsRequest) -> ttrpc::Result<Empty> {
+        let given = req.neighbors.as_ref().map(|n| n.ARPNeighbors.as_slice()).unwrap_or_default();
+        empty("AddARPNeighbors", self.sandbox.network().add_arp_neighbors(given).await)
+    }
+
     async fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
         let id = self.sandbox.get_oom_event().await.map_err(|e| status("GetOOMEvent", e))?;
         let mut event = OOMEvent::new();
@@ -216,11 +247,6 @@ agent_service! {{
         update_ephemeral_mounts "UpdateEphemeralMounts" (UpdateEphemeralMountsRequest) -> Empty;
         remove_stale_virtiofs_share_mounts "RemoveStaleVirtiofsShareMounts" (RemoveStaleVirtiofsShareMountsRequest) -> Empty;
         get_diagnostic_data "GetDiagnosticData" (GetDiagnosticDataRequest) -> GetDiagnosticDataResponse;
-        update_interface "UpdateInterface" (UpdateInterfaceRequest) -> types::Interface;
-        update_routes "UpdateRoutes" (UpdateRoutesRequest) -> Routes;
-        list_interfaces "ListInterfaces" (ListInterfacesRequest) -> Interfaces;
-        list_routes "ListRoutes" (ListRoutesRequest) -> Routes;
-        add_arp_neighbors "AddARPNeighbors" (AddARPNeighborsRequest) -> Empty;
         get_ip_tables "GetIPTables" (GetIPTablesRequest) -> GetIPTablesResponse;
         set_ip_tables "SetIPTables" (SetIPTablesRequest) -> SetIPTablesResponse;
         get_metrics "GetMetrics" (GetMetricsRequest) -> Metrics;

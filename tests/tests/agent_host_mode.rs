@@ -600,7 +600,7 @@ async fn unsupported_methods_answer_unimplemented() {
     let agent = Agent::start();
     let (client, _) = agent.client().await;
     let err = client
-        .list_interfaces(prompt(), &ListInterfacesRequest::new())
+        .get_ip_tables(prompt(), &GetIPTablesRequest::new())
         .await
         .unwrap_err();
     assert_eq!(code(&err), Code::UNIMPLEMENTED);
@@ -623,6 +623,55 @@ async fn unsupported_methods_answer_unimplemented() {
         .unwrap();
     assert_eq!(details.agent_details.version, env!("CARGO_PKG_VERSION"));
     assert!(!details.agent_details.init_daemon);
+}
+
+#[tokio::test]
+async fn network_rpcs_in_host_mode_answer_failed_precondition() {
+    require!("network_rpcs_in_host_mode_answer_failed_precondition");
+    let agent = Agent::start();
+    let (client, _) = agent.client().await;
+    let mut iface = kestrel_protocols::types::Interface::new();
+    iface.hwAddr = "02:00:00:00:00:01".into();
+    iface.name = "eth0".into();
+    let mut update = UpdateInterfaceRequest::new();
+    update.interface = Some(iface).into();
+    let errors = [
+        client.update_interface(prompt(), &update).await.map(drop),
+        client
+            .update_routes(prompt(), &UpdateRoutesRequest::new())
+            .await
+            .map(drop),
+        client
+            .list_interfaces(prompt(), &ListInterfacesRequest::new())
+            .await
+            .map(drop),
+        client
+            .list_routes(prompt(), &ListRoutesRequest::new())
+            .await
+            .map(drop),
+        client
+            .add_arp_neighbors(prompt(), &AddARPNeighborsRequest::new())
+            .await
+            .map(drop),
+    ];
+    for (method, result) in [
+        "UpdateInterface",
+        "UpdateRoutes",
+        "ListInterfaces",
+        "ListRoutes",
+        "AddARPNeighbors",
+    ]
+    .into_iter()
+    .zip(errors)
+    {
+        let err = result.expect_err(method);
+        assert_eq!(code(&err), Code::FAILED_PRECONDITION, "{method}");
+        let message = status_message(&err);
+        assert!(
+            message.contains("it never changes the host's network"),
+            "{method}: {message:?}"
+        );
+    }
 }
 
 /// The `grpc.AgentService` methods the agent serves; every other method
@@ -649,6 +698,11 @@ const SERVED: &[&str] = &[
     "SetGuestDateTime",
     "CopyFile",
     "GetOOMEvent",
+    "UpdateInterface",
+    "UpdateRoutes",
+    "ListInterfaces",
+    "ListRoutes",
+    "AddARPNeighbors",
 ];
 
 /// Calls `service/method` with an empty body, the way a client generated
@@ -712,7 +766,7 @@ async fn every_method_the_agent_does_not_serve_answers_unimplemented_with_its_wi
         "MemAgentMemcgSet",
         "MemAgentCompactSet",
         "AddSwapPath",
-        "AddARPNeighbors",
+        "GetIPTables",
     ] {
         assert!(
             unserved.iter().any(|m| m == kata_only),
