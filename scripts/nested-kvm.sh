@@ -79,9 +79,11 @@ if [ ! -f "$kdir/initrd.gz" ]; then
         "$mods/net/9p/9pnet_virtio.ko" "$mods/fs/9p/9p.ko" "$mods/fs/overlayfs/overlay.ko" \
         "$mods/virt/lib/irqbypass.ko" "$mods/arch/x86/kvm/kvm.ko" \
         "$mods/drivers/crypto/ccp/ccp.ko" "$mods/arch/x86/kvm/kvm-amd.ko" "$tmp/rd/modules/"
-    # A pod network in L1, as CNI's bridge plugin makes it (the CRI tests).
+    # A pod network in L1, as CNI's bridge plugin makes it (the CRI tests),
+    # and what mirrors it into a VM: taps and tc's ingress, u32 and mirred.
     cp "$mods/net/llc/llc.ko" "$mods/net/802/stp.ko" "$mods/net/bridge/bridge.ko" \
-        "$mods/drivers/net/veth.ko" "$tmp/rd/modules/"
+        "$mods/drivers/net/veth.ko" "$mods/drivers/net/tun.ko" "$mods/net/sched/sch_ingress.ko" \
+        "$mods/net/sched/cls_u32.ko" "$mods/net/sched/act_mirred.ko" "$tmp/rd/modules/"
     cat >"$tmp/rd/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -89,7 +91,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-    netfs fscache 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd llc stp bridge veth; do
+    netfs fscache 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd llc stp bridge veth \
+    tun sch_ingress cls_u32 act_mirred; do
     insmod /modules/$m.ko 2>/dev/null || echo "nested-kvm: insmod $m failed" >/dev/console
 done
 opts=trans=virtio,version=9p2000.L,msize=262144

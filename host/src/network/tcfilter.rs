@@ -27,7 +27,8 @@ use super::tap;
 
 /// The taps we make are `tap<N>_kestrel`: [`detach`] knows them by name.
 const TAP_SUFFIX: &str = "_kestrel";
-/// `ETH_P_ALL`: the filters match every frame.
+/// `ETH_P_ALL`: the filters match every frame. tc takes the protocol in
+/// network byte order (`tc … protocol all` sends `htons(ETH_P_ALL)`).
 const ETH_P_ALL: u16 = 0x0003;
 /// The ingress qdisc's handle, `ffff:`.
 const INGRESS_PARENT: u32 = 0xffff_0000;
@@ -299,7 +300,7 @@ async fn mirror(
             .traffic_filter(from as i32)
             .add()
             .parent(INGRESS_PARENT)
-            .protocol(ETH_P_ALL)
+            .protocol(ETH_P_ALL.to_be())
             .redirect(to)
             .map_err(netlink("building a redirect filter"))?
             .execute()
@@ -671,7 +672,10 @@ mod tests {
         assert!(tap.contains("mtu 1400") && tap.contains("UP"), "{tap}");
         for dev in ["eth0", "tap0_kestrel"] {
             let filters = pod.tc(&format!("filter show dev {dev} ingress"));
-            assert!(filters.contains("mirred"), "{dev}: {filters}");
+            assert!(
+                filters.contains("protocol all") && filters.contains("mirred"),
+                "{dev}: {filters}"
+            );
         }
 
         detach(&pod.path()).unwrap();
