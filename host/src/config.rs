@@ -45,6 +45,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub lifecycle: LifecycleConfig,
     pub vm: VmConfig,
+    pub network: NetworkConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -102,6 +103,27 @@ pub struct VmConfig {
     pub vmm: PathBuf,
     /// QEMU's accelerator: `auto`, `kvm` or `tcg`.
     pub accel: String,
+}
+
+/// `[network]`: the CNI networks `kestrel run --network NAME` attaches
+/// containers to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Where network NAME's configuration list is looked for.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugin binaries are looked for, in order (`CNI_PATH`).
+    pub cni_bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        use crate::network::cni;
+        NetworkConfig {
+            cni_conf_dir: cni::DEFAULT_CONF_DIR.into(),
+            cni_bin_dirs: cni::DEFAULT_BIN_DIRS.iter().map(PathBuf::from).collect(),
+        }
+    }
 }
 
 impl Default for SandboxConfig {
@@ -340,7 +362,35 @@ impl Config {
                 "must not be smaller than agent.dial_first_backoff_ms".into(),
             );
         }
-        self.validate_vm(path)
+        self.validate_vm(path)?;
+        self.validate_network(path)
+    }
+
+    fn validate_network(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })
+        };
+        let network = &self.network;
+        if !network.cni_conf_dir.is_absolute() {
+            return invalid("network.cni_conf_dir", "must be an absolute path".into());
+        }
+        if network.cni_bin_dirs.is_empty() {
+            return invalid("network.cni_bin_dirs", "must name a directory".into());
+        }
+        for dir in &network.cni_bin_dirs {
+            // CNI_PATH is ':'-separated: a ':' in a directory cannot pass.
+            if !dir.is_absolute() || dir.as_os_str().as_encoded_bytes().contains(&b':') {
+                return invalid(
+                    "network.cni_bin_dirs",
+                    format!("{} must be an absolute path without ':'", dir.display()),
+                );
+            }
+        }
+        Ok(())
     }
 
     fn validate_vm(&self, path: &Path) -> Result<(), ConfigError> {
@@ -518,6 +568,21 @@ mod tests {
             ("[vm]\nkernel = \"vmlinux\"\n", "vm.kernel", "absolute"),
             ("[vm]\ninitrd = \"initrd.img\"\n", "vm.initrd", "absolute"),
             ("[vm]\nqemu = \"\"\n", "vm.qemu", "program"),
+            (
+                "[network]\ncni_conf_dir = \"cni\"\n",
+                "network.cni_conf_dir",
+                "absolute",
+            ),
+            (
+                "[network]\ncni_bin_dirs = []\n",
+                "network.cni_bin_dirs",
+                "a directory",
+            ),
+            (
+                "[network]\ncni_bin_dirs = [\"/a:b\"]\n",
+                "network.cni_bin_dirs",
+                "without ':'",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(

@@ -2,7 +2,8 @@
 //! the transports a VMM offers ([`dial`], [`agent_client`]), sandboxes that
 //! pair a hypervisor backend with that agent ([`sandbox`]), the lifecycle
 //! registry that never loses a container mid-teardown ([`lifecycle`]), and
-//! the containerd shim v2 built on them ([`shim`]).
+//! the containerd shim v2 built on them ([`shim`]), and the CNI networks
+//! `kestrel run` attaches containers to ([`network`]).
 
 pub mod agent_client;
 pub mod config;

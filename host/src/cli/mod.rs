@@ -8,6 +8,7 @@ pub mod events;
 pub mod exec;
 pub mod image;
 pub mod kill;
+pub mod network;
 pub mod ps;
 pub mod rm;
 pub mod run;

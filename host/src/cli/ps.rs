@@ -7,6 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::containers::Container;
+use super::network;
 use super::shim::{status_name, Shim};
 use containerd_shim_protos::types::task::Status;
 use kestrel_host::config::Config;
@@ -33,6 +34,9 @@ pub struct Row {
     /// Whether its sandbox's relister keeps relisting (`ps` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox_health: Option<String>,
+    /// Its addresses on its CNI network (`ps` only; none without one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
 }
 
 /// Asks the container's shim for its state.
@@ -44,6 +48,7 @@ pub async fn row(container: &Container) -> Row {
         exit: None,
         image: container.rootfs(),
         sandbox_health: None,
+        ips: Vec::new(),
     };
     let Ok(shim) = Shim::open(container).await else {
         return row;
@@ -65,6 +70,10 @@ pub async fn run(args: PsArgs) -> Result<ExitCode> {
     let mut rows = Vec::new();
     for container in Container::list()? {
         let mut row = row(&container).await;
+        row.ips = network::ips(&container.dir)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         if let Some(config) = &config {
             row.sandbox_health = Some(sandbox::health(config, &container.sandbox_id()).to_string());
         }
@@ -75,15 +84,20 @@ pub async fn run(args: PsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<30} {:>8} {:>5}  {:<10} IMAGE",
-        "ID", "STATUS", "PID", "EXIT", "SANDBOX"
+        "{:<20} {:<30} {:>8} {:>5}  {:<10} {:<15} IMAGE",
+        "ID", "STATUS", "PID", "EXIT", "SANDBOX", "IP"
     );
     for r in rows {
         let exit = r.exit.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
         let health = r.sandbox_health.as_deref().unwrap_or("unknown");
+        let ip = if r.ips.is_empty() {
+            "-".to_string()
+        } else {
+            r.ips.join(",")
+        };
         println!(
-            "{:<20} {:<30} {:>8} {:>5}  {:<10} {}",
-            r.id, r.status, r.pid, exit, health, r.image
+            "{:<20} {:<30} {:>8} {:>5}  {:<10} {:<15} {}",
+            r.id, r.status, r.pid, exit, health, ip, r.image
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,5 @@
-//! `kestrel rm`: a container deleted, its shim stopped, its directory gone.
+//! `kestrel rm`: a container deleted, its shim stopped, its network taken
+//! down, its directory gone.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use clap::Args;
 use containerd_shim_protos::types::task::Status;
 
 use super::containers::Container;
+use super::network;
 use super::shim::Shim;
 
 /// How long `rm -f` waits for a killed container to stop.
@@ -30,6 +32,7 @@ pub async fn run(args: RmArgs) -> Result<ExitCode> {
         // action stops what it left, as containerd would have it do.
         Err(_) => {
             super::shim::clean_up(&container)?;
+            network::detach(&container, args.force).await?;
             container.remove()?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -50,6 +53,8 @@ pub async fn run(args: RmArgs) -> Result<ExitCode> {
     }
     shim.delete("").await?;
     shim.shutdown().await?;
+    // After the sandbox is gone: nothing uses the network any more.
+    network::detach(&container, args.force).await?;
     container.remove()?;
     Ok(ExitCode::SUCCESS)
 }

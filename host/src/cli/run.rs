@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::bundle;
 use super::containers::Container;
+use super::network;
 use super::shim::{self, Shim};
 use super::stdio::Fifos;
 use super::terminal::WindowSize;
@@ -37,6 +38,8 @@ pub struct RunArgs {
     pub tty: bool,
     #[command(flatten)]
     pub security: super::security::SecurityArgs,
+    #[command(flatten)]
+    pub network: network::NetworkArgs,
     /// The container's root filesystem: a directory.
     #[arg(long)]
     pub rootfs: PathBuf,
@@ -51,6 +54,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if args.detach && args.rm {
         bail!("--rm and -d cannot be combined: nothing would be left to wait for the exit");
     }
+    args.network.check()?;
     if !args.rootfs.is_dir() {
         bail!("rootfs {}: not a directory", args.rootfs.display());
     }
@@ -58,25 +62,31 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .with_context(|| format!("rootfs {}", args.rootfs.display()))?;
     // The shim reads the same configuration: say what is wrong with it here,
     // where the user sees it, rather than in the shim's log.
-    let config = Config::load()?;
-    if let Some(hypervisor) = &args.hypervisor {
-        config.with_hypervisor(hypervisor)?;
-    }
+    let config = match &args.hypervisor {
+        Some(hypervisor) => Config::load()?.with_hypervisor(hypervisor)?,
+        None => Config::load()?,
+    };
     let container = Container::create(&args.id)?;
-    let result = start_and_wait(&args, &container, &rootfs).await;
+    let result = start_and_wait(&args, &config, &container, &rootfs).await;
     if result.is_err() {
         // Nothing the user could attach to again: take it all down.
         if let Ok(shim) = Shim::open(&container).await {
             let _ = shim.delete("").await;
             let _ = shim.shutdown().await;
         }
-        let _ = container.remove();
+        match network::detach(&container, true).await {
+            Ok(()) => {
+                let _ = container.remove();
+            }
+            Err(e) => eprintln!("kestrel: {e:#}"),
+        }
     }
     result
 }
 
 async fn start_and_wait(
     args: &RunArgs,
+    config: &Config,
     container: &Container,
     rootfs: &std::path::Path,
 ) -> Result<ExitCode> {
@@ -86,6 +96,8 @@ async fn start_and_wait(
     let size = window.as_ref().and_then(WindowSize::current);
     let mut spec = bundle::spec(&container.id, rootfs, &args.command, args.tty, size);
     args.security.apply(&mut spec)?;
+    let attached = network::attach(container, &args.network, config).await?;
+    network::apply(&mut spec, &container.dir, attached.as_ref())?;
     bundle::write(&container.dir, &spec).context("writing the bundle")?;
 
     let spinner = Spinner::start("starting the shim");
@@ -140,6 +152,7 @@ async fn start_and_wait(
     if args.rm {
         shim.delete("").await?;
         shim.shutdown().await?;
+        network::detach(container, false).await?;
         container.remove()?;
     }
     Ok(exit_code(status))
