@@ -1,5 +1,6 @@
 //! `kestrel run --network` and `-p` end to end, on the process backend (the
-//! sandbox's agent on the host, in the container's network namespace).
+//! sandbox's agent on the host, in the container's network namespace) and
+//! in a QEMU VM (a tap in that namespace, mirrored to the CNI's veth).
 //!
 //! Every test runs `kestrel` inside a network namespace it made (entered
 //! with `nsenter --net`, as the CRI harness runs containerd), with a CNI
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kestrel_host::network::netns;
-use kestrel_tests::{binary, busybox_rootfs, on_path, require, skip};
+use kestrel_tests::{binary, busybox_rootfs, on_path, qemu_ready, require, skip, GuestImage};
 
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall"];
@@ -64,10 +65,18 @@ struct NetTest {
     netns: String,
     /// The third octet of the test's subnets, 10.91.N.0/24 and 10.92.N.0/24.
     n: u32,
+    /// The backend `run` uses.
+    hypervisor: &'static str,
 }
 
 impl NetTest {
     fn new() -> NetTest {
+        NetTest::with_backend("process", None)
+    }
+
+    /// A test whose containers run on `hypervisor`, booting `image` for a
+    /// VM backend.
+    fn with_backend(hypervisor: &'static str, image: Option<&GuestImage>) -> NetTest {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed)) % 250;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -83,6 +92,7 @@ impl NetTest {
             rootfs,
             netns,
             n,
+            hypervisor,
         };
         ok(Command::new("ip").args(["netns", "add", &test.netns]));
         ok(Command::new("ip").args(["-n", &test.netns, "link", "set", "lo", "up"]));
@@ -134,12 +144,19 @@ impl NetTest {
                 serde_json::json!([{ "type": "kestrel-test-no-such-plugin" }]),
             ),
         );
-        let config = format!(
+        let mut config = format!(
             "[sandbox]\nagent_path = \"{}\"\nstate_dir = \"{}\"\nstop_grace_ms = 2000\n[network]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"{CNI_BIN_DIR}\"]\n",
             binary("kestrel-agent").display(),
             d.join("sandboxes").display(),
             cni.display(),
         );
+        if let Some(image) = image {
+            config.push_str(&format!(
+                "[vm]\nkernel = \"{}\"\ninitrd = \"{}\"\n",
+                image.vmlinux.display(),
+                image.initrd.display()
+            ));
+        }
         std::fs::write(d.join("kestrel.toml"), config).expect("config");
         test
     }
@@ -172,10 +189,10 @@ impl NetTest {
             .expect("running kestrel")
     }
 
-    /// `kestrel run --hypervisor process --rootfs <busybox> <flags> <id> -- <cmd>`.
+    /// `kestrel run --hypervisor <backend> --rootfs <busybox> <flags> <id> -- <cmd>`.
     fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
         let rootfs = self.rootfs.to_str().unwrap();
-        let mut args = vec!["run", "--hypervisor", "process", "--rootfs", rootfs];
+        let mut args = vec!["run", "--hypervisor", self.hypervisor, "--rootfs", rootfs];
         args.extend_from_slice(flags);
         args.push(id);
         args.push("--");
@@ -337,8 +354,27 @@ fn bridge_network_serves_at_the_container_ip_and_published_port_and_rm_leaves_no
     if !available(test) {
         return;
     }
-    let t = NetTest::new();
-    let id = "net-cni-web";
+    bridge_network_serves(NetTest::new(), "net-cni-web");
+}
+
+/// The same in a QEMU VM: the container's network reaches it through a tap
+/// mirrored to the CNI's veth.
+#[test]
+fn bridge_network_serves_at_the_container_ip_and_published_port_in_a_qemu_vm() {
+    let test = "bridge_network_serves_at_the_container_ip_and_published_port_in_a_qemu_vm";
+    if !available(test) {
+        return;
+    }
+    let Some(image) = qemu_ready(test) else {
+        return;
+    };
+    bridge_network_serves(NetTest::with_backend("qemu", Some(&image)), "net-cni-web-vm");
+}
+
+/// `kestrel run --network bridge -p 18080:80` of busybox httpd: its page at
+/// its IP, at the gateway's and localhost's published port; its hosts and
+/// resolv.conf; only `lo` and `eth0`; after `rm -f`, nothing left.
+fn bridge_network_serves(t: NetTest, id: &str) {
     let out = t.run(
         &["-d", "--network", "bridge", "-p", "18080:80"],
         id,
