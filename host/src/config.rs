@@ -94,6 +94,9 @@ pub struct VmConfig {
     pub max_vcpus: u8,
     /// Appended to the backend's own kernel command line.
     pub kernel_params: String,
+    /// Whether the guest's network cards offer checksum and segmentation
+    /// (TSO/UFO) offloads, passed through the tap to the host's stack.
+    pub net_offload: bool,
     /// The QEMU binary: a path, or a name looked up on `PATH`.
     pub qemu: PathBuf,
     /// The Cloud Hypervisor binary: a path, or a name looked up on `PATH`.
@@ -185,6 +188,7 @@ impl Default for VmConfig {
             max_memory_mib: 8192,
             max_vcpus: 8,
             kernel_params: String::new(),
+            net_offload: true,
             qemu: "qemu-system-x86_64".into(),
             cloud_hypervisor: "cloud-hypervisor".into(),
             vmm: PathBuf::new(),

@@ -166,6 +166,9 @@ impl Sandbox {
         };
         if let Some(network) = &network {
             spec.nics = network.nics.clone();
+            for nic in &mut spec.nics {
+                nic.offload = config.vm.net_offload;
+            }
         }
         let grace = Duration::from_millis(config.sandbox.stop_grace_ms);
         let hv_err = |source| SandboxError::Hypervisor {

@@ -65,6 +65,9 @@ pub struct GuestNic {
     pub mac: [u8; 6],
     /// The MTU of the interface it stands for.
     pub mtu: u32,
+    /// Whether the card offers checksum and segmentation offloads (the
+    /// tap carries them through to the host's stack).
+    pub offload: bool,
 }
 
 impl GuestNic {

@@ -368,7 +368,10 @@ fn bridge_network_serves_at_the_container_ip_and_published_port_in_a_qemu_vm() {
     let Some(image) = qemu_ready(test) else {
         return;
     };
-    bridge_network_serves(NetTest::with_backend("qemu", Some(&image)), "net-cni-web-vm");
+    bridge_network_serves(
+        NetTest::with_backend("qemu", Some(&image)),
+        "net-cni-web-vm",
+    );
 }
 
 /// `kestrel run --network bridge -p 18080:80` of busybox httpd: its page at

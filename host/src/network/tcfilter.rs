@@ -254,6 +254,7 @@ async fn attach_in(handle: &Handle) -> Result<PodNetwork, NetworkError> {
             tap: Arc::new(tap),
             mac: link.mac,
             mtu: link.mtu,
+            offload: true,
         });
         network
             .interfaces

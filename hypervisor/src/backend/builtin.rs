@@ -59,10 +59,11 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         argv.push("--net".into());
         argv.push(
             format!(
-                "tap-fd={},mac={},mtu={}",
+                "tap-fd={},mac={},mtu={},offload={}",
                 nic.tap.as_raw_fd(),
                 nic.mac_string(),
-                nic.mtu
+                nic.mtu,
+                if nic.offload { "on" } else { "off" }
             )
             .into(),
         );
@@ -133,6 +134,41 @@ mod tests {
             netns: None,
             nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_nic_is_a_net_option_naming_its_inherited_tap() {
+        let dir = Path::new("/run/x");
+        let mut spec = spec(dir);
+        let tap = std::sync::Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").unwrap(),
+        ));
+        let fd = tap.as_raw_fd();
+        for (mac, offload) in [([2, 0, 0, 0, 0, 1], true), ([2, 0, 0, 0, 0, 2], false)] {
+            spec.nics.push(crate::GuestNic {
+                tap: tap.clone(),
+                mac,
+                mtu: 1450,
+                offload,
+            });
+        }
+        let argv = command_line(
+            Path::new("/bin/kestrel-vmm"),
+            &spec,
+            spec.vm.as_ref().unwrap(),
+        );
+        let nets: Vec<String> = argv
+            .windows(2)
+            .filter(|w| w[0] == "--net")
+            .map(|w| w[1].to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                format!("tap-fd={fd},mac=02:00:00:00:00:01,mtu=1450,offload=on"),
+                format!("tap-fd={fd},mac=02:00:00:00:00:02,mtu=1450,offload=off"),
+            ]
+        );
     }
 
     #[test]

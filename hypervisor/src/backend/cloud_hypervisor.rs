@@ -89,10 +89,15 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         argv.push("--net".into());
         argv.extend(spec.nics.iter().map(|nic| {
             OsString::from(format!(
-                "fd={},mac={},mtu={}",
+                "fd={},mac={},mtu={}{}",
                 nic.tap.as_raw_fd(),
                 nic.mac_string(),
-                nic.mtu
+                nic.mtu,
+                if nic.offload {
+                    ""
+                } else {
+                    ",offload_tso=off,offload_ufo=off,offload_csum=off"
+                }
             ))
         }));
     }

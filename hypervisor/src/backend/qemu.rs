@@ -114,6 +114,11 @@ fn backend_command(p: &Prepared) -> Vec<OsString> {
     ]
 }
 
+/// virtio-net-device properties that turn every checksum and segmentation
+/// offload off, both ways.
+const QEMU_NO_OFFLOADS: &str = ",csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,\
+guest_ecn=off,guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off";
+
 fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
     let dir = &p.spec.state_dir;
     let mut chardev = OsString::from("socket,id=vsock0,path=");
@@ -169,9 +174,10 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
             format!("tap,id=net{i},fd={},vhost=off", nic.tap.as_raw_fd()).into(),
             "-device".into(),
             format!(
-                "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
+                "virtio-net-device,netdev=net{i},mac={},host_mtu={}{}",
                 nic.mac_string(),
-                nic.mtu
+                nic.mtu,
+                if nic.offload { "" } else { QEMU_NO_OFFLOADS }
             )
             .into(),
         ]);
@@ -405,6 +411,33 @@ mod tests {
         assert!(strings(qemu_command(&p, &vm))
             .join(" ")
             .contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_netdev_on_a_virtio_net_device_with_its_mac() {
+        let (mut p, vm) = prepared(Path::new("/s"), "tcg");
+        let tap = Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").unwrap(),
+        ));
+        let fd = tap.as_raw_fd();
+        for (mac, offload) in [([2, 0, 0, 0, 0, 1], true), ([2, 0, 0, 0, 0, 2], false)] {
+            p.spec.nics.push(crate::GuestNic {
+                tap: tap.clone(),
+                mac,
+                mtu: 1450,
+                offload,
+            });
+        }
+        let argv = strings(qemu_command(&p, &vm)).join(" ");
+        assert!(
+            argv.ends_with(&format!(
+                " -netdev tap,id=net0,fd={fd},vhost=off \
+                 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1450 \
+                 -netdev tap,id=net1,fd={fd},vhost=off \
+                 -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02,host_mtu=1450{QEMU_NO_OFFLOADS}"
+            )),
+            "{argv}"
+        );
     }
 
     #[test]
