@@ -82,13 +82,20 @@ fn main() -> ExitCode {
     );
     let runs = [
         (vm.to_string(), false, None),
-        (format!("{vm} no offload"), false, Some("net_offload = false\n")),
+        (
+            format!("{vm} no offload"),
+            false,
+            Some("net_offload = false\n"),
+        ),
         ("runc".to_string(), true, None),
     ];
     let mut results = Vec::new();
     for (label, is_runc, extra) in runs {
-        std::fs::write(&vm_config, format!("{with_offloads}{}", extra.unwrap_or("")))
-            .expect("writing the VM handler's config");
+        std::fs::write(
+            &vm_config,
+            format!("{with_offloads}{}", extra.unwrap_or("")),
+        )
+        .expect("writing the VM handler's config");
         let handler = if is_runc { RUNC } else { vm };
         let figures = measure(&c, handler, mib, pings);
         println!(

@@ -372,3 +372,79 @@ fn bad_pod_networks_are_refused_naming_the_problem_and_leave_nothing() {
     c.assert_nothing_running();
     c.finish();
 }
+
+/// A VM sandbox whose shim is killed: containerd's `delete` action kills
+/// the VM and takes the tap and the mirror's qdiscs out of the network
+/// namespace (the test's own, so it outlives the sandbox and can be looked
+/// into afterwards).
+#[test]
+fn a_killed_shims_delete_action_removes_the_tap_and_the_mirror() {
+    let test = "a_killed_shims_delete_action_removes_the_tap_and_the_mirror";
+    let Some(image) = ready(test, KESTREL_QEMU) else {
+        return;
+    };
+    let c = CriContainerd::start(image.as_ref());
+    let pod = OwnNetns::new("crash");
+    let peer = OwnNetns::new("crashp");
+    run(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    run(&["-n", &pod.0, "link", "set", "eth1", "netns", &peer.0]);
+    run(&["-n", &pod.0, "addr", "add", "10.77.9.2/24", "dev", "eth0"]);
+    run(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    let config = c.path().join("kestrel-qemu.toml");
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.kestrel.v2",
+        "--runtime-config-path",
+        &config.display().to_string(),
+        "--with-ns",
+        &format!("network:{}", netns::path(&pod.0).display()),
+        BUSYBOX_IMAGE,
+        "crashnet",
+        "sleep",
+        "300",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(netns::links(&pod.0).contains(&"tap0_kestrel".to_string()));
+
+    let shims: Vec<u32> = c
+        .leftover_processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !(c.leftover_processes().is_empty() && c.sandbox_state_left().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete action left {:?} and {:?}",
+            c.leftover_processes(),
+            c.sandbox_state_left(),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let links = netns::links(&pod.0);
+    assert!(!links.iter().any(|l| l.ends_with("_kestrel")), "{links:?}");
+    let qdiscs = Command::new("tc")
+        .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0", "ingress"])
+        .output()
+        .expect("tc");
+    assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"));
+    let _ = c.ctr(&["tasks", "delete", "crashnet"]);
+    let _ = c.ctr(&["containers", "delete", "crashnet"]);
+    c.assert_nothing_running();
+    c.finish();
+}
