@@ -111,6 +111,9 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /root
 mount -t proc proc /root/proc
 mount -t sysfs sysfs /root/sys
+# cgroup v2, as a booted Debian mounts it: runc (the CRI tests' reference
+# runtime, also in L1) refuses to run without a cgroup mount.
+mount -t cgroup2 cgroup2 /root/sys/fs/cgroup
 mount --rbind /dev /root/dev
 # A fresh /run, as on a machine that just booted; /tmp and the rest are the
 # host's, written to the overlay.

@@ -82,6 +82,24 @@ pub fn available(test: &str) -> bool {
     true
 }
 
+/// What a test on `handler` needs, or `None` with the skip recorded: the
+/// CRI tools, and the guest image for the VM handlers. On a host whose KVM
+/// cannot run guests, `kestrel-builtin` runs the test in the nested-KVM
+/// harness's L1 and returns `None` here.
+pub fn ready(test: &str, handler: &str) -> Option<Option<GuestImage>> {
+    if handler == KESTREL_BUILTIN && !crate::kvm_runs_guests_here(test) {
+        return None;
+    }
+    if !available(test) {
+        return None;
+    }
+    match handler {
+        KESTREL_QEMU => crate::qemu_ready(test).map(Some),
+        KESTREL_BUILTIN => crate::guest_image(test).map(Some),
+        _ => Some(None),
+    }
+}
+
 /// containerd with CRI in a network namespace of its own; on drop every
 /// pod is removed, containerd stopped and the namespace deleted (and, if
 /// the test is failing, the end of containerd's log printed).
@@ -390,6 +408,35 @@ state = "{state}"
     pub fn leftover_processes(&self) -> Vec<(u32, String)> {
         let containerd = self.child.as_ref().map_or(0, Child::id);
         processes_mentioning(self.path(), containerd)
+    }
+
+    /// SIGKILLs this containerd's one Kestrel shim, then waits until
+    /// containerd's `delete` action has cleaned up after it: no shim, VM or
+    /// agent left, no sandbox state.
+    pub fn kill_the_shim_and_await_cleanup(&self) {
+        let shims: Vec<u32> = self
+            .leftover_processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2"))
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shims[0] as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("killing the shim");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !(self.leftover_processes().is_empty() && self.sandbox_state_left().is_empty()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delete action left {:?} and {:?}\n{}",
+                self.leftover_processes(),
+                self.sandbox_state_left(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Kestrel's sandbox state directories still present.

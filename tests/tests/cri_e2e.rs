@@ -12,28 +12,9 @@ use kestrel_cri::api::{ContainerState, NamespaceMode, PodSandboxConfig};
 use kestrel_cri::{config, Code};
 use kestrel_tests::containerd::{closed_client_got_a_reply, text, TaskLsLoad};
 use kestrel_tests::cri::{
-    available, CriContainerd, BUSYBOX_IMAGE, KESTREL_BUILTIN, KESTREL_PROCESS, KESTREL_QEMU,
-    NAMESPACE, RUNC,
+    ready, CriContainerd, BUSYBOX_IMAGE, KESTREL_BUILTIN, KESTREL_PROCESS, KESTREL_QEMU, NAMESPACE,
+    RUNC,
 };
-use kestrel_tests::{guest_image, kvm_runs_guests_here, qemu_ready, GuestImage};
-
-/// What a scenario on `handler` needs, or `None` with the skip recorded:
-/// the guest image for `kestrel` (QEMU).
-fn ready(test: &str, handler: &str) -> Option<Option<GuestImage>> {
-    // On a host whose KVM cannot run guests, this runs the test in the
-    // nested-KVM harness's L1 and returns false here.
-    if handler == KESTREL_BUILTIN && !kvm_runs_guests_here(test) {
-        return None;
-    }
-    if !available(test) {
-        return None;
-    }
-    match handler {
-        KESTREL_QEMU => qemu_ready(test).map(Some),
-        KESTREL_BUILTIN => guest_image(test).map(Some),
-        _ => Some(None),
-    }
-}
 
 /// The longest a container may take to run: a QEMU sandbox boots under TCG.
 const START: Duration = Duration::from_secs(120);
@@ -762,29 +743,7 @@ fn a_killed_shim_is_cleaned_up_under_the_handlers_config_path() {
     };
     let c = CriContainerd::start(image.as_ref());
     let (pod_id, _, id) = pod_with_sleeper(&c, "orphan", KESTREL_PROCESS);
-    let shims: Vec<u32> = c
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2"))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(c.leftover_processes().is_empty() && c.sandbox_state_left().is_empty()) {
-        assert!(
-            Instant::now() < deadline,
-            "the delete action left {:?} and {:?}\n{}",
-            c.leftover_processes(),
-            c.sandbox_state_left(),
-            c.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_the_shim_and_await_cleanup();
     let status = c.wait_for_state(&id, ContainerState::ContainerExited, START);
     assert_ne!(status.exit_code, 0, "{status:?}");
     c.stop_and_remove_pod(&pod_id).unwrap();

@@ -13,27 +13,12 @@ use std::time::Duration;
 use kestrel_cri::api::{ContainerState, DnsConfig};
 use kestrel_cri::config;
 use kestrel_tests::cri::{
-    available, CriContainerd, BUSYBOX_IMAGE, KESTREL_BUILTIN, KESTREL_PROCESS, KESTREL_QEMU, RUNC,
+    ready, CriContainerd, BUSYBOX_IMAGE, KESTREL_BUILTIN, KESTREL_PROCESS, KESTREL_QEMU, RUNC,
 };
 use kestrel_tests::netns::{self, PageServer};
-use kestrel_tests::{guest_image, kvm_runs_guests_here, qemu_ready, GuestImage};
 
 /// A QEMU sandbox boots under TCG; in the nested harness everything is slower.
 const START: Duration = Duration::from_secs(180);
-
-fn ready(test: &str, handler: &str) -> Option<Option<GuestImage>> {
-    if handler == KESTREL_BUILTIN && !kvm_runs_guests_here(test) {
-        return None;
-    }
-    if !available(test) {
-        return None;
-    }
-    match handler {
-        KESTREL_QEMU => qemu_ready(test).map(Some),
-        KESTREL_BUILTIN => guest_image(test).map(Some),
-        _ => Some(None),
-    }
-}
 
 fn pod_ip(c: &CriContainerd, pod_id: &str) -> Ipv4Addr {
     let status = c
@@ -414,28 +399,7 @@ fn a_killed_shims_delete_action_removes_the_tap_and_the_mirror() {
     );
     assert!(netns::links(&pod.0).contains(&"tap0_kestrel".to_string()));
 
-    let shims: Vec<u32> = c
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2"))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !(c.leftover_processes().is_empty() && c.sandbox_state_left().is_empty()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the delete action left {:?} and {:?}",
-            c.leftover_processes(),
-            c.sandbox_state_left(),
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_the_shim_and_await_cleanup();
     let links = netns::links(&pod.0);
     assert!(!links.iter().any(|l| l.ends_with("_kestrel")), "{links:?}");
     let qdiscs = Command::new("tc")

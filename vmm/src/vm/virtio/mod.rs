@@ -10,6 +10,7 @@
 pub mod mmio;
 pub mod net;
 pub mod vsock;
+pub(crate) mod worker;
 
 pub use mmio::MmioTransport;
 

@@ -12,7 +12,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
@@ -20,6 +19,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::Worker;
 use super::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 use crate::seccomp::{self, Filter};
 use crate::vsock::queue::{
@@ -43,22 +43,7 @@ pub enum Error {
 #[derive(Debug)]
 pub struct VsockDevice {
     cid: u64,
-    /// Whether the thread is serving queues (activated, not reset since).
-    active: bool,
-    worker: Option<Worker>,
-}
-
-/// The device's end of its thread.
-#[derive(Debug)]
-struct Worker {
-    /// Activations; dropping it ends the thread.
-    activations: Sender<Serving>,
-    /// One answer per activation (whether it serves) and per kill (it
-    /// stopped serving).
-    answers: Receiver<io::Result<()>>,
-    /// Makes the serving thread give the queues back.
-    kill: EventFd,
-    thread: JoinHandle<Option<()>>,
+    worker: Worker<Serving>,
 }
 
 /// What the thread serves between an activation and a reset.
@@ -103,20 +88,9 @@ impl VsockDevice {
         })?;
         Ok(VsockDevice {
             cid,
-            active: false,
-            worker: Some(Worker {
-                activations,
-                answers,
-                kill,
-                thread,
-            }),
+            worker: Worker::new("vsock", activations, answers, kill, thread),
         })
     }
-}
-
-/// The thread is gone: it met an error it logged.
-fn thread_gone() -> ActivateError {
-    ActivateError::Device("the vsock device thread has stopped".into())
 }
 
 impl VirtioDevice for VsockDevice {
@@ -155,58 +129,18 @@ impl VirtioDevice for VsockDevice {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::Device(format!(
-                "vsock needs {NUM_QUEUES} queues, got {}",
-                queues.len()
-            )));
-        }
-        if self.active {
-            return Err(ActivateError::Device(
-                "vsock device is already active".into(),
-            ));
-        }
-        let worker = self.worker.as_ref().ok_or_else(thread_gone)?;
-        let serving = Serving {
+        self.worker
+            .check_queues(NUM_QUEUES, queues.len(), queue_evts.len())?;
+        self.worker.activate(Serving {
             mem,
             interrupt,
             queues,
             queue_evts,
-        };
-        worker
-            .activations
-            .send(serving)
-            .map_err(|_| thread_gone())?;
-        worker.answers.recv().map_err(|_| thread_gone())??;
-        self.active = true;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        if !self.active {
-            return true;
-        }
-        let Some(worker) = &self.worker else {
-            return false;
-        };
-        let _ = worker.kill.write(1);
-        match worker.answers.recv() {
-            Ok(_) => {
-                self.active = false;
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl Drop for VsockDevice {
-    fn drop(&mut self) {
-        self.reset();
-        if let Some(worker) = self.worker.take() {
-            drop(worker.activations);
-            let _ = worker.thread.join();
-        }
+        self.worker.reset()
     }
 }
 

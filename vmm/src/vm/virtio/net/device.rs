@@ -14,7 +14,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -30,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{process_rx, process_tx, RxStop, Scratch, Stats};
 use super::{Backend, Error, NetConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::seccomp::{self, Filter};
+use crate::vm::virtio::worker::Worker;
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
@@ -68,22 +68,7 @@ pub struct NetDevice {
     config_space: [u8; CONFIG_LEN],
     features: u64,
     acked: u64,
-    /// Whether the thread is serving queues (activated, not reset since).
-    active: bool,
-    worker: Option<Worker>,
-}
-
-/// The device's end of its thread.
-#[derive(Debug)]
-struct Worker {
-    /// Activations; dropping it ends the thread.
-    activations: Sender<Serving>,
-    /// One answer per activation (whether it serves) and per kill (it
-    /// stopped serving).
-    answers: Receiver<io::Result<()>>,
-    /// Makes the serving thread give the queues back.
-    kill: EventFd,
-    thread: JoinHandle<Option<()>>,
+    worker: Worker<Serving>,
 }
 
 /// What the thread serves between an activation and a reset.
@@ -141,20 +126,9 @@ impl NetDevice {
             config_space,
             features: offered_features(config.offload),
             acked: 0,
-            active: false,
-            worker: Some(Worker {
-                activations,
-                answers,
-                kill,
-                thread,
-            }),
+            worker: Worker::new("virtio-net", activations, answers, kill, thread),
         })
     }
-}
-
-/// The thread is gone: it met an error it logged.
-fn thread_gone() -> ActivateError {
-    ActivateError::Device("the net device thread has stopped".into())
 }
 
 impl VirtioDevice for NetDevice {
@@ -201,60 +175,23 @@ impl VirtioDevice for NetDevice {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::Device(format!(
-                "virtio-net needs {NUM_QUEUES} queues, got {}",
-                queues.len()
-            )));
-        }
-        if self.active {
-            return Err(ActivateError::Device(
-                "virtio-net device is already active".into(),
-            ));
-        }
-        let worker = self.worker.as_ref().ok_or_else(thread_gone)?;
-        let serving = Serving {
+        self.worker
+            .check_queues(NUM_QUEUES, queues.len(), queue_evts.len())?;
+        self.worker.activate(Serving {
             mem,
             interrupt,
             queues,
             queue_evts,
             features: self.acked,
-        };
-        worker
-            .activations
-            .send(serving)
-            .map_err(|_| thread_gone())?;
-        worker.answers.recv().map_err(|_| thread_gone())??;
-        self.active = true;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        if !self.active {
-            return true;
+        let reset = self.worker.reset();
+        if reset {
+            self.acked = 0;
         }
-        let Some(worker) = &self.worker else {
-            return false;
-        };
-        let _ = worker.kill.write(1);
-        match worker.answers.recv() {
-            Ok(_) => {
-                self.active = false;
-                self.acked = 0;
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl Drop for NetDevice {
-    fn drop(&mut self) {
-        self.reset();
-        if let Some(worker) = self.worker.take() {
-            drop(worker.activations);
-            let _ = worker.thread.join();
-        }
+        reset
     }
 }
 
