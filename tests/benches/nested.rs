@@ -390,6 +390,7 @@ async fn boot(
         }),
         netns: None,
         nics: Vec::new(),
+        shared_fs: None,
     };
     let mut hv = launcher(setup.vmm, binaries);
     hv.prepare(&spec)
