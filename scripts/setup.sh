@@ -18,6 +18,8 @@ cargo build --workspace --locked
 # rust-vmm's vhost-user vsock backend: only the vsock benchmark uses it, to
 # compare with ours.
 command -v vhost-device-vsock >/dev/null || cargo install --locked -q vhost-device-vsock
+# virtiofsd serves a sandbox's shared directory (virtio-fs).
+./scripts/install-virtiofsd.sh
 # The agent runs as the guest's /init: it must be one static binary.
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --release --target x86_64-unknown-linux-gnu -p kestrel-agent

@@ -182,6 +182,8 @@ mod tests {
             "CONFIG_SERIAL_8250_CONSOLE",
             "CONFIG_BLK_DEV_INITRD",
             "CONFIG_VIRTIO_NET",
+            "CONFIG_FUSE_FS",
+            "CONFIG_VIRTIO_FS",
         ] {
             assert!(
                 all.iter()

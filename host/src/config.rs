@@ -252,6 +252,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(VMM_BINARY)),
             cloud_hypervisor: self.vm.cloud_hypervisor.clone(),
             accel: self.vm.accel.clone(),
+            virtiofsd: kestrel_hypervisor::backend::virtiofsd::DEFAULT_BINARY.into(),
         }
     }
 

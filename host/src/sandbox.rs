@@ -163,6 +163,7 @@ impl Sandbox {
             vm: Some(vm),
             netns: request.netns.clone(),
             nics: Vec::new(),
+            shared_fs: None,
         };
         if let Some(network) = &network {
             spec.nics = network.nics.clone();

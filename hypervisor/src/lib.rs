@@ -51,6 +51,75 @@ pub struct SandboxSpec {
     /// loopback. The process backend refuses none of them and uses none:
     /// its agent already lives in `netns`.
     pub nics: Vec<GuestNic>,
+    /// A host directory the guest mounts over virtio-fs, served by a
+    /// virtiofsd the backend starts (VM backends only; the process backend
+    /// ignores it, its agent sees the host). `None`: the guest sees no host
+    /// files, and root filesystems are copied in.
+    pub shared_fs: Option<SharedFs>,
+}
+
+/// A host directory shared with the guest over virtio-fs.
+///
+/// The VM backends start virtiofsd on it before the VMM (socket
+/// `<state_dir>/virtiofsd.sock`, log `<state_dir>/virtiofsd.log`), give the
+/// guest a virtio-fs device with `tag`, and stop virtiofsd after the VMM.
+/// virtiofsd's death while the VMM runs ends the sandbox like the guest's
+/// own: the exit watch fires, and containers go STOPPED with status 255.
+///
+/// The runtime owns the directory's contents: it creates the directory
+/// before `prepare`, bind-mounts each container's rootfs (and volumes)
+/// under it whenever it likes (virtiofsd is chrooted in the host's mount
+/// namespace, so later mounts reach the guest at once), and unmounts them
+/// before `stop`, which removes the state directory (a directory inside it
+/// included) with everything still in it. In the guest the agent mounts
+/// it with `mount -t virtiofs <tag> <mount point>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFs {
+    /// The host directory; it must exist when the sandbox is prepared.
+    pub dir: PathBuf,
+    /// The virtio-fs tag the guest mounts by: 1 to [`SharedFs::MAX_TAG_LEN`]
+    /// bytes, no whitespace, commas or control characters.
+    pub tag: String,
+    /// How much the guest may cache.
+    pub cache: FsCache,
+}
+
+impl SharedFs {
+    /// virtio-fs's tag field: 36 bytes.
+    pub const MAX_TAG_LEN: usize = 36;
+
+    /// Whether every VMM's command line and the guest's `mount` can carry
+    /// the tag.
+    pub fn tag_is_valid(&self) -> bool {
+        (1..=Self::MAX_TAG_LEN).contains(&self.tag.len())
+            && !self
+                .tag
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+    }
+}
+
+/// virtiofsd's `--cache` policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsCache {
+    /// The guest caches nothing: every access asks the host, so changes
+    /// made on the host (a bind mount added, a file written) are seen at
+    /// once. The safe choice for directories the host also writes.
+    #[default]
+    Never,
+    /// The guest caches attributes and data for about a second: faster,
+    /// for directories only the guest writes (a container's rootfs).
+    Auto,
+}
+
+impl FsCache {
+    /// The value virtiofsd's `--cache` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsCache::Never => "never",
+            FsCache::Auto => "auto",
+        }
+    }
 }
 
 /// One virtio-net card of the guest, backed by a tap on the host.
@@ -143,6 +212,12 @@ pub enum Error {
     NotPrepared(&'static str, &'static str),
     #[error("the {0} backend was asked to {1} but it is already running")]
     AlreadyStarted(&'static str, &'static str),
+    #[error("{helper} exited before the VM started: {exit} (its log: {log})")]
+    HelperExit {
+        helper: &'static str,
+        exit: GuestExit,
+        log: PathBuf,
+    },
     #[error("the {backend} guest exited before its agent was reachable: {exit}")]
     EarlyExit {
         backend: &'static str,

@@ -361,6 +361,7 @@ fn launcher(vmm: Vmm, binaries: &Binaries) -> Box<dyn Hypervisor> {
             binary: "qemu-system-x86_64".into(),
             vmm_binary: binaries.vmm.clone(),
             accel: "kvm".into(),
+            virtiofsd: kestrel_hypervisor::backend::virtiofsd::DEFAULT_BINARY.into(),
         })),
     }
 }
@@ -390,6 +391,7 @@ async fn boot(
         }),
         netns: None,
         nics: Vec::new(),
+        shared_fs: None,
     };
     let mut hv = launcher(setup.vmm, binaries);
     hv.prepare(&spec)

@@ -1,5 +1,6 @@
 //! `kestrel-vmm`: boots a Linux guest on KVM with a serial console, a
-//! Firecracker-compatible hybrid vsock socket, and NICs on inherited taps.
+//! Firecracker-compatible hybrid vsock socket, NICs on inherited taps, and
+//! shared directories served by virtiofsd.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kestrel_vmm::seccomp::{self, Filter, ThreadKind};
+use kestrel_vmm::vm::virtio::fs::FsConfig;
 use kestrel_vmm::vm::virtio::net::NetConfig;
 use kestrel_vmm::vm::{SerialOut, Vm, VmConfig, VmExit, VmShape, DEFAULT_CMDLINE};
 use nix::sys::signal::{SigSet, Signal};
@@ -56,6 +58,13 @@ struct Args {
         value_name = "tap-fd=N,mac=aa:bb:cc:dd:ee:ff[,mtu=N][,offload=on|off]"
     )]
     nets: Vec<NetConfig>,
+    /// A shared directory: a virtio-fs device whose requests the
+    /// vhost-user-fs backend (virtiofsd) listening on `socket` serves; the
+    /// guest mounts it with `mount -t virtiofs TAG DIR`. The backend must
+    /// listen before the VMM starts. queue-size (each of the two queues'
+    /// largest size, a power of two) defaults to 1024. Repeat for more.
+    #[arg(long = "fs", value_name = "socket=PATH,tag=TAG[,queue-size=N]")]
+    filesystems: Vec<FsConfig>,
     /// Where the serial console goes: a file, or `stdout`.
     #[arg(long, value_name = "FILE|stdout", default_value = "stdout")]
     serial: String,
@@ -138,6 +147,7 @@ fn run(args: Args) -> anyhow::Result<VmExit> {
         vsock_uds: args.vsock_uds,
         vsock_cid: args.vsock_cid,
         nets: args.nets,
+        filesystems: args.filesystems,
         serial: match args.serial.as_str() {
             "stdout" => SerialOut::Stdout,
             path => SerialOut::File(path.into()),

@@ -1,6 +1,7 @@
 //! The `builtin` backend: our own `kestrel-vmm` boots the guest image with
 //! a virtio-vsock device behind a hybrid socket, and the agent is reached
-//! with `CONNECT 1024`. It needs KVM that runs guests natively.
+//! with `CONNECT 1024`. A shared directory is a `--fs` device served by
+//! virtiofsd. It needs KVM that runs guests natively.
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
+use super::virtiofsd;
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = super::Backend::Builtin.name();
@@ -30,6 +32,11 @@ impl Builtin {
             vmm_binary,
             "is not there or on PATH (cargo build -p kestrel-vmm builds it)",
         ))
+    }
+
+    /// Runs `binary` as virtiofsd for sandboxes that share a directory.
+    pub fn with_virtiofsd(self, binary: PathBuf) -> Self {
+        Builtin(self.0.with_virtiofsd(binary))
     }
 }
 
@@ -55,6 +62,12 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         "--log-level".into(),
         "info".into(),
     ];
+    if let Some(fs) = &spec.shared_fs {
+        let mut option = OsString::from("socket=");
+        option.push(virtiofsd::socket(dir));
+        option.push(format!(",tag={}", fs.tag));
+        argv.extend(["--fs".into(), option]);
+    }
     for nic in &spec.nics {
         argv.push("--net".into());
         argv.push(
@@ -82,7 +95,7 @@ impl Hypervisor for Builtin {
     }
 
     async fn start(&mut self) -> Result<(), Error> {
-        self.0.start(command_line)
+        self.0.start(command_line).await
     }
 
     fn agent_address(&self) -> Option<String> {
@@ -102,11 +115,13 @@ impl Hypervisor for Builtin {
             return Ok(None);
         };
         // SIGTERM: kestrel-vmm stops the vCPUs and removes its socket.
+        self.0.begin_stop();
         let exit = self
             .0
             .vmm
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
             .await;
+        self.0.stop_helpers().await;
         crate::state_dir::remove(&spec.state_dir)?;
         Ok(exit)
     }
@@ -133,7 +148,30 @@ mod tests {
             }),
             netns: None,
             nics: Vec::new(),
+            shared_fs: None,
         }
+    }
+
+    #[test]
+    fn a_shared_dir_is_an_fs_option_on_virtiofsds_socket() {
+        let dir = Path::new("/run/x");
+        let mut spec = spec(dir);
+        spec.shared_fs = Some(crate::SharedFs {
+            dir: "/run/x/sb/shared".into(),
+            tag: "kestrel".into(),
+            cache: crate::FsCache::Never,
+        });
+        let argv = command_line(
+            Path::new("/bin/kestrel-vmm"),
+            &spec,
+            spec.vm.as_ref().unwrap(),
+        );
+        let fs: Vec<String> = argv
+            .windows(2)
+            .filter(|w| w[0] == "--fs")
+            .map(|w| w[1].to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(fs, ["socket=/run/x/sb/virtiofsd.sock,tag=kestrel"]);
     }
 
     #[test]
@@ -231,6 +269,81 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NoVmSpec("builtin")), "{err}");
+    }
+
+    /// An executable shell script `name` in `dir` running `body`.
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// A sandbox sharing a directory, run by a VMM that only sleeps and a
+    /// virtiofsd that creates its socket file and then runs `virtiofsd`.
+    async fn started_with_shared_dir(dir: &Path, virtiofsd: &str) -> Builtin {
+        std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.join("initrd.img"), b"i").unwrap();
+        std::fs::create_dir(dir.join("shared")).unwrap();
+        let mut spec = spec(dir);
+        spec.shared_fs = Some(crate::SharedFs {
+            dir: dir.join("shared"),
+            tag: "kestrel".into(),
+            cache: crate::FsCache::Never,
+        });
+        let vmm = script(dir, "fake-vmm", "exec sleep 30");
+        let fake = script(
+            dir,
+            "fake-virtiofsd",
+            &format!(
+                ": > \"$2\"\necho \"$@\" > '{}'\n{virtiofsd}",
+                dir.join("args").display()
+            ),
+        );
+        let mut backend = Builtin::new(vmm).with_virtiofsd(fake);
+        backend.prepare(&spec).await.unwrap();
+        backend.start().await.unwrap();
+        backend
+    }
+
+    #[tokio::test]
+    async fn virtiofsd_dying_under_the_vmm_ends_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = started_with_shared_dir(dir.path(), "sleep 0.2; exit 3").await;
+        let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+        assert!(
+            args.starts_with(&format!(
+                "--socket-path {}/sb/virtiofsd.sock --shared-dir {}/shared",
+                dir.path().display(),
+                dir.path().display()
+            )),
+            "{args}"
+        );
+
+        let exit = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::wait_exit(backend.exit_watch()),
+        )
+        .await
+        .expect("the exit watch fires");
+
+        assert_eq!(exit, Some(GuestExit::Signaled(libc::SIGKILL)));
+        backend.stop(Duration::from_secs(1)).await.unwrap();
+        assert!(!dir.path().join("sb").exists(), "state dir removed");
+    }
+
+    #[tokio::test]
+    async fn virtiofsd_leaving_during_stop_is_not_a_death() {
+        let dir = tempfile::tempdir().unwrap();
+        // Leaves as virtiofsd does when the VMM hangs up: on its own, soon.
+        let backend = started_with_shared_dir(dir.path(), "exec sleep 30").await;
+        assert_eq!(*backend.exit_watch().borrow(), None);
+
+        let exit = backend.stop(Duration::from_secs(2)).await.unwrap();
+
+        // SIGTERM from stop, not a kill for a dead helper.
+        assert_eq!(exit, Some(GuestExit::Signaled(libc::SIGTERM)));
     }
 
     #[tokio::test]

@@ -1,12 +1,14 @@
 //! What the VM backends share: checking the guest image and the binaries
-//! they run, and running a helper process (a VMM, a vhost-user backend) in
-//! its own process group with its output in a log and its exit watched.
+//! they run, running a helper process (a VMM, a vhost-user backend,
+//! virtiofsd) in its own process group with its output in a log and its
+//! exit watched, and ending the VM when a helper it needs dies.
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -15,7 +17,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::select::find_program;
+use super::virtiofsd;
 use crate::{wait_exit, Error, GuestExit, GuestNic, SandboxSpec, VmSpec, BASE_KERNEL_PARAMS};
+
+/// How long a VMM may take to finish exiting after a helper of its left.
+/// A VMM closes its vhost-user sockets in its exit path just before
+/// `exit_group`, and the kernel then needs a while to tear down its guest
+/// memory and threads (8 ms on an idle host, hundreds under load), so the
+/// helper is often seen gone first.
+const VMM_LEAVING: Duration = Duration::from_secs(2);
+/// How long a helper gets to leave after the VMM is gone.
+pub(crate) const HELPER_GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
@@ -249,6 +261,52 @@ impl Child {
     }
 }
 
+/// Without a helper (the vsock backend, virtiofsd) the guest has lost a
+/// device it cannot do without: a helper that dies under a running VMM
+/// takes the VMM down, as the agent's death would, so the sandbox's exit
+/// watch (the VMM's) fires.
+///
+/// A helper also leaves, with status 0, whenever the VMM hangs up on it,
+/// and the VMM does that while it exits (the guest powered off, or `stop`
+/// sent SIGTERM) but before its own exit is seen; so the helper's exit is
+/// a death only when `stop` has not begun and the VMM is still there
+/// [`VMM_LEAVING`] later.
+pub(crate) async fn watch_helper(
+    helper: &'static str,
+    sandbox_id: String,
+    mut helper_exit: watch::Receiver<Option<GuestExit>>,
+    vmm: Arc<Child>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut vmm_exit = vmm.exit_watch();
+    // Each wait also ends if its sender is gone: nothing left to watch.
+    let exit = tokio::select! {
+        exit = helper_exit.wait_for(Option::is_some) => match exit.map(|exit| *exit) {
+            Ok(Some(exit)) => exit,
+            _ => return,
+        },
+        _ = vmm_exit.wait_for(Option::is_some) => return,
+        _ = stopping.wait_for(|stopping| *stopping) => return,
+    };
+    let expected = tokio::time::timeout(VMM_LEAVING, async {
+        tokio::select! {
+            _ = vmm_exit.wait_for(Option::is_some) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => {}
+        }
+    })
+    .await;
+    if expected.is_ok() {
+        tracing::info!(sandbox_id, helper_exit = %exit, "{helper} left with the VMM");
+        return;
+    }
+    tracing::error!(
+        sandbox_id,
+        helper_exit = %exit,
+        "{helper} died under a running VMM; stopping the VMM"
+    );
+    vmm.kill(&format!("{helper} died"));
+}
+
 /// The vsock port the agent listens on in the guest.
 pub(crate) const AGENT_PORT: u32 = kestrel_protocols::AGENT_VSOCK_PORT;
 
@@ -266,9 +324,15 @@ pub(crate) struct SingleVmm {
     what: &'static str,
     binary: PathBuf,
     hint: &'static str,
-    /// What `prepare` accepted: the spec and the binary found for it.
-    prepared: Option<(SandboxSpec, PathBuf)>,
-    pub vmm: Child,
+    /// virtiofsd, as configured (a path or a name on `PATH`).
+    virtiofsd_binary: PathBuf,
+    /// What `prepare` accepted: the spec, the binary found for it, and
+    /// virtiofsd's when the spec shares a directory.
+    prepared: Option<(SandboxSpec, PathBuf, Option<PathBuf>)>,
+    pub vmm: Arc<Child>,
+    virtiofsd: Child,
+    /// Set once `stop` began: from then on helpers' exits are expected.
+    stopping: watch::Sender<bool>,
 }
 
 impl SingleVmm {
@@ -286,27 +350,38 @@ impl SingleVmm {
             what,
             binary,
             hint,
+            virtiofsd_binary: PathBuf::from(virtiofsd::DEFAULT_BINARY),
             prepared: None,
-            vmm: Child::new(process),
+            vmm: Arc::new(Child::new(process)),
+            virtiofsd: Child::new("virtiofsd"),
+            stopping: watch::channel(false).0,
         }
+    }
+
+    /// Runs `binary` as virtiofsd for sandboxes that share a directory.
+    pub fn with_virtiofsd(mut self, binary: PathBuf) -> Self {
+        self.virtiofsd_binary = binary;
+        self
     }
 
     /// Checks the image and the binary, lays out the state directory.
     pub fn prepare(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
         checked_vm(self.backend, spec)?;
         let binary = find_binary(self.what, &self.binary, self.hint)?;
+        let virtiofsd = virtiofsd::check(spec, &self.virtiofsd_binary)?;
         crate::state_dir::create(&spec.state_dir)?;
-        self.prepared = Some((spec.clone(), binary));
+        self.prepared = Some((spec.clone(), binary, virtiofsd));
         Ok(())
     }
 
-    /// Starts the VMM with the command line `argv` builds (program first),
-    /// logging to `vmm.log`.
-    pub fn start(
+    /// Starts virtiofsd where the spec shares a directory, then the VMM
+    /// with the command line `argv` builds (program first), logging to
+    /// `vmm.log`.
+    pub async fn start(
         &self,
         argv: fn(&Path, &SandboxSpec, &VmSpec) -> Vec<OsString>,
     ) -> Result<(), Error> {
-        let (spec, binary) = self
+        let (spec, binary, virtiofsd) = self
             .prepared
             .as_ref()
             .ok_or(Error::NotPrepared(self.backend, "start"))?;
@@ -314,16 +389,46 @@ impl SingleVmm {
             .vm
             .as_ref()
             .ok_or(Error::NotPrepared(self.backend, "start"))?;
-        self.vmm.spawn_with_nics(
+        if let (Some(fs), Some(virtiofsd)) = (&spec.shared_fs, virtiofsd) {
+            virtiofsd::start(&self.virtiofsd, virtiofsd, spec, fs).await?;
+        }
+        if let Err(e) = self.vmm.spawn_with_nics(
             &spec.id,
             &argv(binary, spec, vm),
             &spec.state_dir.join("vmm.log"),
             &spec.nics,
-        )
+        ) {
+            self.virtiofsd.kill("the VMM did not start");
+            return Err(e);
+        }
+        if self.virtiofsd.pid().is_some() {
+            tokio::spawn(watch_helper(
+                "virtiofsd",
+                spec.id.clone(),
+                self.virtiofsd.exit_watch(),
+                Arc::clone(&self.vmm),
+                self.stopping.subscribe(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks the stop as begun: helpers that leave from now on are not
+    /// deaths. Call before stopping the VMM.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Waits for virtiofsd, which leaves once the VMM hung up; kills it if
+    /// it does not. Call after the VMM is gone.
+    pub async fn stop_helpers(&self) {
+        self.virtiofsd
+            .stop(None, Instant::now() + HELPER_GRACE)
+            .await;
     }
 
     pub fn spec(&self) -> Option<&SandboxSpec> {
-        self.prepared.as_ref().map(|(spec, _)| spec)
+        self.prepared.as_ref().map(|(spec, ..)| spec)
     }
 
     pub fn agent_address(&self) -> Option<String> {

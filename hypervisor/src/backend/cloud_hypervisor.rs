@@ -2,6 +2,9 @@
 //! Hypervisor, the agent reached over its hybrid vsock socket
 //! (`CONNECT 1024`).
 //!
+//! A shared directory is `--fs tag=…,socket=…` on virtiofsd's socket (guest
+//! memory is already `shared=on`, which vhost-user needs).
+//!
 //! Cloud Hypervisor boots the uncompressed `vmlinux` directly (no firmware)
 //! and serves a REST API on a Unix socket; stopping asks that API to shut
 //! the VM and the VMM down before falling back to signals. The two API
@@ -21,6 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::child::{kernel_cmdline, vsock_socket, SingleVmm};
+use super::virtiofsd;
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = super::Backend::CloudHypervisor.name();
@@ -42,6 +46,11 @@ impl CloudHypervisor {
             binary,
             "is not installed (no executable file there or on PATH)",
         ))
+    }
+
+    /// Runs `binary` as virtiofsd for sandboxes that share a directory.
+    pub fn with_virtiofsd(self, binary: PathBuf) -> Self {
+        CloudHypervisor(self.0.with_virtiofsd(binary))
     }
 }
 
@@ -83,6 +92,13 @@ fn command_line(binary: &Path, spec: &SandboxSpec, vm: &VmSpec) -> Vec<OsString>
         "--console".into(),
         "off".into(),
     ];
+    if let Some(fs) = &spec.shared_fs {
+        argv.push("--fs".into());
+        argv.push(joined(
+            &format!("tag={},socket=", fs.tag),
+            virtiofsd::socket(dir),
+        ));
+    }
     // Cloud Hypervisor takes every card after one `--net`; `fd=` is a tap
     // it inherits, as Kata passes them.
     if !spec.nics.is_empty() {
@@ -143,7 +159,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn start(&mut self) -> Result<(), Error> {
-        self.0.start(command_line)
+        self.0.start(command_line).await
     }
 
     fn agent_address(&self) -> Option<String> {
@@ -182,7 +198,9 @@ impl Hypervisor for CloudHypervisor {
         // A VMM that accepted vmm.shutdown is on its way out; signal only
         // one whose API did not answer.
         let polite = (!asked).then_some(Signal::SIGTERM);
+        self.0.begin_stop();
         let exit = self.0.vmm.stop(polite, deadline).await;
+        self.0.stop_helpers().await;
         crate::state_dir::remove(&spec.state_dir)?;
         Ok(exit)
     }
@@ -218,7 +236,25 @@ mod tests {
             vm: Some(vm(dir)),
             netns: None,
             nics: Vec::new(),
+            shared_fs: None,
         }
+    }
+
+    #[test]
+    fn a_shared_dir_is_an_fs_option_on_virtiofsds_socket() {
+        let mut spec = spec(Path::new("/run/x"));
+        spec.shared_fs = Some(crate::SharedFs {
+            dir: "/run/x/sb/shared".into(),
+            tag: "kestrel".into(),
+            cache: crate::FsCache::Auto,
+        });
+        let argv = command_line(Path::new("/bin/ch"), &spec, spec.vm.as_ref().unwrap());
+        let fs: Vec<String> = argv
+            .windows(2)
+            .filter(|w| w[0] == "--fs")
+            .map(|w| w[1].to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(fs, ["tag=kestrel,socket=/run/x/sb/virtiofsd.sock"]);
     }
 
     /// A guest image (two placeholder files) and a fake `cloud-hypervisor`

@@ -8,6 +8,7 @@ pub mod cloud_hypervisor;
 pub mod process;
 pub mod qemu;
 pub mod select;
+pub mod virtiofsd;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,9 @@ pub struct Programs {
     pub cloud_hypervisor: PathBuf,
     /// QEMU's accelerator: `auto`, `kvm` or `tcg`.
     pub accel: String,
+    /// `virtiofsd`, which serves a sandbox's shared directory, as a path or
+    /// a name on `PATH` ([`virtiofsd::DEFAULT_BINARY`]).
+    pub virtiofsd: PathBuf,
 }
 
 impl Backend {
@@ -107,15 +111,20 @@ impl Backend {
     pub fn launcher(self, programs: &Programs) -> Box<dyn Hypervisor> {
         match self {
             Backend::Process => Box::new(process::Process::new()),
-            Backend::Builtin => Box::new(builtin::Builtin::new(programs.vmm.clone())),
+            Backend::Builtin => Box::new(
+                builtin::Builtin::new(programs.vmm.clone())
+                    .with_virtiofsd(programs.virtiofsd.clone()),
+            ),
             Backend::Qemu => Box::new(qemu::Qemu::new(qemu::QemuOptions {
                 binary: programs.qemu.clone(),
                 vmm_binary: programs.vmm.clone(),
                 accel: programs.accel.clone(),
+                virtiofsd: programs.virtiofsd.clone(),
             })),
-            Backend::CloudHypervisor => Box::new(cloud_hypervisor::CloudHypervisor::new(
-                programs.cloud_hypervisor.clone(),
-            )),
+            Backend::CloudHypervisor => Box::new(
+                cloud_hypervisor::CloudHypervisor::new(programs.cloud_hypervisor.clone())
+                    .with_virtiofsd(programs.virtiofsd.clone()),
+            ),
         }
     }
 }
@@ -142,6 +151,7 @@ mod tests {
             guest_initiated.into(),
             process::Process::socket_path(&dir),
             qemu::vhost_user_socket(&dir),
+            virtiofsd::socket(&dir),
             cloud_hypervisor::api_socket(&dir),
         ];
         for socket in sockets {
@@ -180,6 +190,7 @@ mod tests {
             vmm: "kestrel-vmm".into(),
             cloud_hypervisor: "cloud-hypervisor".into(),
             accel: "auto".into(),
+            virtiofsd: virtiofsd::DEFAULT_BINARY.into(),
         };
         for backend in Backend::ALL {
             assert_eq!(backend.launcher(&programs).backend(), backend);

@@ -135,6 +135,7 @@ mod tests {
             vm: None,
             netns: None,
             nics: Vec::new(),
+            shared_fs: None,
         }
     }
 

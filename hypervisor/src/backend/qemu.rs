@@ -9,6 +9,9 @@
 //! `bzImage` beside it. `accel = "auto"` takes KVM only where it runs
 //! guests natively, TCG otherwise.
 //!
+//! A shared directory is QEMU's `vhost-user-fs-device` on virtiofsd's
+//! socket, which needs the same shared guest RAM.
+//!
 //! Without ACPI the guest cannot power off; after DestroySandbox it
 //! reboots, and `reboot=k` pulses reset through an i8042, which microvm
 //! lacks unless asked: with one, and `-no-reboot`, QEMU exits by itself.
@@ -25,22 +28,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::child::{
-    checked_vm, find_binary, io_err, kernel_cmdline, vsock_socket, Child, AGENT_PORT,
+    checked_vm, find_binary, io_err, kernel_cmdline, vsock_socket, watch_helper, Child, AGENT_PORT,
+    HELPER_GRACE,
 };
 use super::select::{kvm_support, qemu_accel};
+use super::virtiofsd;
 use crate::{Error, GuestExit, Hypervisor, SandboxSpec, VmSpec};
 
 const NAME: &str = super::Backend::Qemu.name();
 /// How long the vhost-user backend may take to create its socket.
 const BACKEND_READY: Duration = Duration::from_secs(5);
-/// How long the vhost-user backend gets to leave after QEMU is gone.
-const BACKEND_GRACE: Duration = Duration::from_secs(1);
-/// How long QEMU may take to finish exiting after its vsock backend left.
-/// QEMU closes the vhost-user socket in its exit path just before
-/// `exit_group`, and the kernel then needs a while to tear down its guest
-/// memory and threads (8 ms on an idle host, hundreds under load), so the
-/// backend is often seen gone first.
-const QEMU_LEAVING: Duration = Duration::from_secs(2);
 
 /// What the QEMU backend runs.
 #[derive(Debug, Clone)]
@@ -51,6 +48,8 @@ pub struct QemuOptions {
     pub vmm_binary: PathBuf,
     /// `auto`, `kvm` or `tcg`.
     pub accel: String,
+    /// `virtiofsd`, for sandboxes that share a directory.
+    pub virtiofsd: PathBuf,
 }
 
 /// What `prepare` settled.
@@ -61,6 +60,8 @@ struct Prepared {
     vmm: PathBuf,
     kernel: PathBuf,
     accel: &'static str,
+    /// virtiofsd's binary, when the spec shares a directory.
+    virtiofsd: Option<PathBuf>,
 }
 
 /// A QEMU process and its vhost-user vsock backend, running one sandbox.
@@ -69,7 +70,8 @@ pub struct Qemu {
     prepared: Option<Prepared>,
     qemu: Arc<Child>,
     backend: Child,
-    /// Set once `stop` began: from then on the backend's exit is expected.
+    virtiofsd: Child,
+    /// Set once `stop` began: from then on the helpers' exits are expected.
     stopping: watch::Sender<bool>,
 }
 
@@ -80,6 +82,7 @@ impl Qemu {
             prepared: None,
             qemu: Arc::new(Child::new("qemu")),
             backend: Child::new("vhost-user vsock backend"),
+            virtiofsd: Child::new("virtiofsd"),
             stopping: watch::channel(false).0,
         }
     }
@@ -166,6 +169,16 @@ fn qemu_command(p: &Prepared, vm: &VmSpec) -> Vec<OsString> {
         "-serial".into(),
         serial,
     ]);
+    if let Some(fs) = &p.spec.shared_fs {
+        let mut chardev = OsString::from("socket,id=fs0,path=");
+        chardev.push(virtiofsd::socket(dir));
+        argv.extend([
+            "-chardev".into(),
+            chardev,
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev=fs0,tag={}", fs.tag).into(),
+        ]);
+    }
     // One virtio-net card per tap, in order: the guest's eth0 is the first.
     // QEMU reads IFF_VNET_HDR off the descriptor and passes offloads on.
     for (i, nic) in p.spec.nics.iter().enumerate() {
@@ -203,6 +216,7 @@ impl Hypervisor for Qemu {
             &self.options.vmm_binary,
             "is not there or on PATH (cargo build -p kestrel-vmm builds it)",
         )?;
+        let virtiofsd = virtiofsd::check(spec, &self.options.virtiofsd)?;
         let (accel, why) = qemu_accel(&self.options.accel, &kvm_support());
         tracing::info!(sandbox_id = %spec.id, accel, why, "QEMU acceleration");
         crate::state_dir::create(&spec.state_dir)?;
@@ -212,6 +226,7 @@ impl Hypervisor for Qemu {
             vmm,
             kernel: qemu_kernel(vm),
             accel,
+            virtiofsd,
         });
         Ok(())
     }
@@ -252,6 +267,12 @@ impl Hypervisor for Qemu {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if let (Some(fs), Some(binary)) = (&p.spec.shared_fs, &p.virtiofsd) {
+            if let Err(e) = virtiofsd::start(&self.virtiofsd, binary, &p.spec, fs).await {
+                self.backend.kill("virtiofsd did not start");
+                return Err(e);
+            }
+        }
         if let Err(e) = self.qemu.spawn_with_nics(
             &p.spec.id,
             &qemu_command(p, vm),
@@ -259,14 +280,25 @@ impl Hypervisor for Qemu {
             &p.spec.nics,
         ) {
             self.backend.kill("QEMU did not start");
+            self.virtiofsd.kill("QEMU did not start");
             return Err(e);
         }
-        tokio::spawn(watch_backend(
+        tokio::spawn(watch_helper(
+            "the vsock backend",
             p.spec.id.clone(),
             self.backend.exit_watch(),
             Arc::clone(&self.qemu),
             self.stopping.subscribe(),
         ));
+        if self.virtiofsd.pid().is_some() {
+            tokio::spawn(watch_helper(
+                "virtiofsd",
+                p.spec.id.clone(),
+                self.virtiofsd.exit_watch(),
+                Arc::clone(&self.qemu),
+                self.stopping.subscribe(),
+            ));
+        }
         Ok(())
     }
 
@@ -290,66 +322,21 @@ impl Hypervisor for Qemu {
         let Some(p) = &self.prepared else {
             return Ok(None);
         };
-        // QEMU first: it complains when its backend vanishes under it. The
-        // backend then sees the disconnect and leaves on its own.
+        // QEMU first: it complains when its backends vanish under it. The
+        // backends then see the disconnect and leave on their own.
         self.stopping.send_replace(true);
         let exit = self
             .qemu
             .stop(Some(Signal::SIGTERM), Instant::now() + grace)
             .await;
-        self.backend
-            .stop(None, Instant::now() + BACKEND_GRACE)
-            .await;
+        let helpers_by = Instant::now() + HELPER_GRACE;
+        tokio::join!(
+            self.backend.stop(None, helpers_by),
+            self.virtiofsd.stop(None, helpers_by)
+        );
         crate::state_dir::remove(&p.spec.state_dir)?;
         Ok(exit)
     }
-}
-
-/// Without its vsock backend the guest is unreachable: a backend that dies
-/// under a running QEMU takes QEMU down, as the agent's death would.
-///
-/// The backend also leaves, with status 0, whenever QEMU hangs up on it,
-/// and QEMU does that while it exits (the guest powered off, or `stop`
-/// sent SIGTERM) but before its own exit is seen; so the backend's exit is
-/// a death only when `stop` has not begun and QEMU is still there
-/// [`QEMU_LEAVING`] later.
-async fn watch_backend(
-    sandbox_id: String,
-    mut backend_exit: watch::Receiver<Option<GuestExit>>,
-    qemu: Arc<Child>,
-    mut stopping: watch::Receiver<bool>,
-) {
-    let mut qemu_exit = qemu.exit_watch();
-    // Each wait also ends if its sender is gone: nothing left to watch.
-    let backend = tokio::select! {
-        exit = backend_exit.wait_for(Option::is_some) => match exit.map(|exit| *exit) {
-            Ok(Some(exit)) => exit,
-            _ => return,
-        },
-        _ = qemu_exit.wait_for(Option::is_some) => return,
-        _ = stopping.wait_for(|stopping| *stopping) => return,
-    };
-    let expected = tokio::time::timeout(QEMU_LEAVING, async {
-        tokio::select! {
-            _ = qemu_exit.wait_for(Option::is_some) => {}
-            _ = stopping.wait_for(|stopping| *stopping) => {}
-        }
-    })
-    .await;
-    if expected.is_ok() {
-        tracing::info!(
-            sandbox_id,
-            backend_exit = %backend,
-            "the vsock backend left with QEMU"
-        );
-        return;
-    }
-    tracing::error!(
-        sandbox_id,
-        backend_exit = %backend,
-        "the vsock backend died under a running QEMU; stopping QEMU"
-    );
-    qemu.kill("its vsock backend died");
 }
 
 #[cfg(test)]
@@ -374,6 +361,7 @@ mod tests {
             vm: Some(vm.clone()),
             netns: None,
             nics: Vec::new(),
+            shared_fs: None,
         };
         let p = Prepared {
             spec,
@@ -381,6 +369,7 @@ mod tests {
             vmm: "/bin/kestrel-vmm".into(),
             kernel: vm.kernel.clone(),
             accel,
+            virtiofsd: None,
         };
         (p, vm)
     }
@@ -441,6 +430,26 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_dir_is_a_vhost_user_fs_device_on_virtiofsds_socket() {
+        let (mut p, vm) = prepared(Path::new("/s"), "tcg");
+        p.spec.shared_fs = Some(crate::SharedFs {
+            dir: "/s/sb/shared".into(),
+            tag: "kestrel".into(),
+            cache: crate::FsCache::Never,
+        });
+        let argv = strings(qemu_command(&p, &vm)).join(" ");
+        assert!(
+            argv.ends_with(
+                " -serial file:/s/sb/console.log \
+                 -chardev socket,id=fs0,path=/s/sb/virtiofsd.sock \
+                 -device vhost-user-fs-device,chardev=fs0,tag=kestrel"
+            ),
+            "{argv}"
+        );
+        assert!(argv.contains("memory-backend-memfd,id=mem0,size=256M,share=on"));
+    }
+
+    #[test]
     fn backend_serves_the_hybrid_socket_the_agent_is_dialled_on() {
         let (p, _) = prepared(Path::new("/s"), "tcg");
         assert_eq!(
@@ -474,6 +483,7 @@ mod tests {
             binary: dir.path().join("no-qemu"),
             vmm_binary: "/bin/true".into(),
             accel: "auto".into(),
+            virtiofsd: virtiofsd::DEFAULT_BINARY.into(),
         });
         let err = backend.prepare(&p.spec).await.unwrap_err().to_string();
         assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
@@ -481,6 +491,7 @@ mod tests {
             binary: "/bin/true".into(),
             vmm_binary: dir.path().join("no-vmm"),
             accel: "auto".into(),
+            virtiofsd: virtiofsd::DEFAULT_BINARY.into(),
         });
         let err = backend.prepare(&p.spec).await.unwrap_err().to_string();
         assert!(err.contains("kestrel-vmm"), "{err}");

@@ -93,6 +93,7 @@ pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>,
         ThreadKind::Vcpu => vcpu(&mut l)?,
         ThreadKind::Vsock => vsock(&mut l)?,
         ThreadKind::Net => net(&mut l)?,
+        ThreadKind::Fs => fs(&mut l),
         ThreadKind::VhostUser => vhost_user(&mut l)?,
         ThreadKind::Signals => signals(&mut l),
     }
@@ -222,6 +223,23 @@ fn net(l: &mut AllowList) -> Result<(), BackendError> {
     l.any(SYS_read);
     l.when(SYS_ioctl, &[eq(1, TUNSETOFFLOAD as i64)])?;
     Ok(())
+}
+
+fn fs(l: &mut AllowList) {
+    use libc::*;
+    // The event loop: the backend's call events, the kill event, and the
+    // vhost-user socket (watched for the backend hanging up; taken out of
+    // the set when it does).
+    l.any(SYS_epoll_wait);
+    l.any(SYS_epoll_pwait);
+    l.any(SYS_epoll_ctl);
+    // Eventfds.
+    l.any(SYS_read);
+    // The vhost-user messages of an activation or a reset, on the socket
+    // connected before any filter: requests with their fds (the memfd,
+    // kick and call eventfds) and the backend's replies.
+    l.any(SYS_sendmsg);
+    l.any(SYS_recvmsg);
 }
 
 fn vhost_user(l: &mut AllowList) -> Result<(), BackendError> {

@@ -67,6 +67,11 @@ pub enum ThreadKind {
     /// its tap, and sets the tap's offloads when the guest's driver starts
     /// the device.
     Net,
+    /// A virtio-fs device thread: tells the vhost-user-fs backend
+    /// (virtiofsd) about the guest's memory and rings when the guest's
+    /// driver starts or resets the device, and turns the backend's
+    /// used-buffer events into interrupts.
+    Fs,
     /// `kestrel-vmm vhost-user-vsock`'s main thread once the backend is set
     /// up, and the vhost-user protocol thread it starts: accepts QEMU,
     /// maps the guest memory QEMU sends, starts threads.
@@ -77,11 +82,12 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Vsock,
         ThreadKind::Net,
+        ThreadKind::Fs,
         ThreadKind::VhostUser,
         ThreadKind::Signals,
     ];
@@ -94,6 +100,7 @@ impl std::fmt::Display for ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Vsock => "vsock",
             ThreadKind::Net => "net",
+            ThreadKind::Fs => "fs",
             ThreadKind::VhostUser => "vhost-user",
             ThreadKind::Signals => "signals",
         })

@@ -2,7 +2,8 @@
 //! a disallowed call ends the process with [`EXIT_STATUS`] and a line that
 //! names it; `openat` and `clone3` fail with ENOSYS; the vhost-user threads
 //! can start threads and cannot fork; a net device thread moves frames and
-//! sets a tap's offloads, and nothing else on the tap.
+//! sets a tap's offloads, and nothing else on the tap; a virtio-fs device
+//! thread talks vhost-user and forwards interrupts.
 //!
 //! A filter cannot be taken off again, so each installing test runs itself
 //! again as a child process (`CHILD_ENV` set), whose thread confines itself
@@ -269,5 +270,17 @@ fn a_net_device_serves_its_queues_under_the_net_filter() {
         unsafe { libc::_exit(0) }
     }
     let output = run_child("a_net_device_serves_its_queues_under_the_net_filter");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn a_fs_device_talks_to_its_backend_under_the_fs_filter() {
+    if in_child() {
+        let filter = Filter::new(ThreadKind::Fs).expect("building the fs filter");
+        crate::vm::virtio::fs::tests::round_trip(Some(filter));
+        // SAFETY: ends the child at once, as its harness would only print.
+        unsafe { libc::_exit(0) }
+    }
+    let output = run_child("a_fs_device_talks_to_its_backend_under_the_fs_filter");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }

@@ -1,8 +1,10 @@
 //! The builtin KVM VMM behind `kestrel-vmm`: one KVM VM with an in-kernel
 //! irqchip and PIT, guest RAM from `vm-memory`, vCPU threads, an 8250 on
 //! COM1, an i8042 whose reset ends the VM, and on virtio-mmio optionally a
-//! virtio-vsock device with a Firecracker-style hybrid Unix socket and
-//! virtio-net devices on taps the caller opened.
+//! virtio-vsock device with a Firecracker-style hybrid Unix socket,
+//! virtio-net devices on taps the caller opened, and virtio-fs devices
+//! served by vhost-user-fs backends (virtiofsd) the caller started. Guest
+//! RAM is a memfd mapped shared, so those backends can map it too.
 //!
 //! [`Vm::new`] builds everything (kernel loaded, devices wired, vCPUs set
 //! up) without running the guest; [`Vm::run`] starts the vCPUs and waits
@@ -40,6 +42,7 @@ use self::bus::Bus;
 use self::devices::{SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN, I8042, I8042_BASE, I8042_LEN};
 pub use self::vcpu::VmExit;
 use self::vcpu::{ExitSlot, VcpuThread};
+use self::virtio::fs::{FsConfig, FsDevice};
 use self::virtio::mmio::MMIO_LEN;
 use self::virtio::net::{NetConfig, NetDevice, Tap};
 use self::virtio::vsock::VsockDevice;
@@ -90,6 +93,9 @@ pub struct VmConfig {
     /// One virtio-net device each, in this order after the vsock device,
     /// so the first is the guest's eth0.
     pub nets: Vec<NetConfig>,
+    /// One virtio-fs device each, after the NICs, each connected to its
+    /// backend's socket when the VM is built.
+    pub filesystems: Vec<FsConfig>,
     pub serial: SerialOut,
     /// Whether the VMM's threads confine themselves with seccomp filters
     /// (`--no-seccomp` turns it off).
@@ -106,6 +112,7 @@ impl VmConfig {
             vsock_uds: None,
             vsock_cid: crate::vsock::DEFAULT_GUEST_CID,
             nets: Vec::new(),
+            filesystems: Vec::new(),
             serial: SerialOut::Stdout,
             seccomp: true,
         }
@@ -141,6 +148,10 @@ pub enum VmmError {
     VsockDevice(#[from] self::virtio::vsock::Error),
     #[error(transparent)]
     Net(#[from] self::virtio::net::Error),
+    #[error(transparent)]
+    Fs(#[from] self::virtio::fs::Error),
+    #[error("the tag {0} is given to more than one --fs")]
+    FsTagRepeated(String),
     #[error("tap-fd {0} is given to more than one --net")]
     TapFdRepeated(i32),
     #[error("{0} virtio devices asked for; the VM has interrupts for {max}", max = MAX_VIRTIO_DEVICES)]
@@ -195,7 +206,13 @@ impl Vm {
                 return Err(crate::vsock::Error::SocketExists(uds.clone()).into());
             }
         }
-        let devices = usize::from(config.vsock_uds.is_some()) + config.nets.len();
+        for (i, fs) in config.filesystems.iter().enumerate() {
+            if config.filesystems[..i].iter().any(|f| f.tag == fs.tag) {
+                return Err(VmmError::FsTagRepeated(fs.tag.clone()));
+            }
+        }
+        let devices =
+            usize::from(config.vsock_uds.is_some()) + config.nets.len() + config.filesystems.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(VmmError::TooManyDevices(devices));
         }
@@ -272,6 +289,20 @@ impl Vm {
             let filter = filter_if(config.seccomp, ThreadKind::Net)?;
             let device = NetDevice::new(index, tap, net, filter)?;
             let slot = first_net + index as u32;
+            add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), slot)?;
+        }
+        let first_fs = first_net + config.nets.len() as u32;
+        for (index, fs) in config.filesystems.iter().enumerate() {
+            tracing::info!(
+                index,
+                tag = fs.tag,
+                socket = %fs.socket.display(),
+                queue_size = fs.queue_size,
+                "virtio-fs device"
+            );
+            let filter = filter_if(config.seccomp, ThreadKind::Fs)?;
+            let device = FsDevice::new(fs, filter)?;
+            let slot = first_fs + index as u32;
             add_virtio_mmio(&vm, &mem, &mut mmio, &mut cmdline, Box::new(device), slot)?;
         }
 

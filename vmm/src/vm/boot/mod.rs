@@ -34,7 +34,11 @@ mod zero_page;
 
 use kvm_bindings::{kvm_xcr, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::GuestMemoryMmap;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestMemoryMmap};
 
 pub use layout::memory_regions;
 pub use loader::{load_initrd, load_kernel, InitrdRange, KernelImage, KernelKind};
@@ -88,6 +92,15 @@ pub enum BootError {
         /// Why the mapping failed.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// The host could not create the file that backs the guest's RAM.
+    #[error("creating the {mib} MiB memfd for guest memory failed: {source}")]
+    GuestMemoryFile {
+        /// The size asked for.
+        mib: u64,
+        /// Why memfd_create or its resize failed.
+        #[source]
+        source: std::io::Error,
     },
     /// Writing a boot structure into guest memory failed.
     #[error("writing {what} to guest memory failed: {source}")]
@@ -177,7 +190,11 @@ fn mib_up(bytes: u64) -> u64 {
     bytes.div_ceil(layout::MIB)
 }
 
-/// Creates the guest's RAM: `mem_mib` MiB laid out by [`memory_regions`].
+/// Creates the guest's RAM: `mem_mib` MiB laid out by [`memory_regions`],
+/// backed by one memfd mapped `MAP_SHARED` (vm-memory's file-backed
+/// regions), so a vhost-user backend (virtiofsd) can map the same pages
+/// from the descriptor the VMM hands it. Anonymous private memory could not
+/// be shared; every device reaches this memory the same way either way.
 pub fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, BootError> {
     if mem_mib < layout::MIN_MEM_MIB {
         return Err(BootError::MemoryBelowMinimum {
@@ -189,12 +206,40 @@ pub fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, BootError> {
         .checked_mul(layout::MIB)
         .filter(|size| size.checked_add(layout::HIGH_RAM_START).is_some())
         .ok_or(BootError::MemoryTooLarge { mib: mem_mib })?;
-    GuestMemoryMmap::from_ranges(&memory_regions(size)).map_err(|source| {
-        BootError::GuestMemoryAlloc {
-            mib: mem_mib,
-            source,
-        }
+    let file = guest_memory_file(size).map_err(|source| BootError::GuestMemoryFile {
+        mib: mem_mib,
+        source,
+    })?;
+    // One file for all regions, each at the offset where the previous ended.
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let ranges: Vec<_> = memory_regions(size)
+        .into_iter()
+        .map(|(addr, len)| {
+            let at = FileOffset::from_arc(file.clone(), offset);
+            offset += len as u64;
+            (addr, len, Some(at))
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|source| BootError::GuestMemoryAlloc {
+        mib: mem_mib,
+        source,
     })
+}
+
+/// A memfd of `size` bytes (sparse: pages are allocated as the guest
+/// touches them), closed on exec so no helper inherits the guest's RAM.
+fn guest_memory_file(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string; the call has no other
+    // inputs and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"kestrel-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// Prepares vCPU `id` of `vcpus` to start in the kernel's 64-bit entry
@@ -338,6 +383,35 @@ mod tests {
             let total: u64 = mem.iter().map(|region| region.len()).sum();
             assert_eq!(total, mib * layout::MIB, "{mib} MiB");
         }
+    }
+
+    #[test]
+    fn guest_memory_is_one_shared_memfd_a_backend_can_map() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+
+        let mem = guest_memory(4096).unwrap();
+        let regions: Vec<_> = mem.iter().collect();
+        assert_eq!(regions.len(), 2, "below the MMIO hole and above 4 GiB");
+        let file = regions[0].file_offset().unwrap().file();
+        let mut offset = 0;
+        for region in &regions {
+            let at = region.file_offset().expect("file-backed");
+            assert!(std::ptr::eq(at.file(), file), "one file for all regions");
+            assert_eq!(at.start(), offset);
+            offset += region.len();
+        }
+        // What the guest writes is in the file, where another process that
+        // maps it (the backend) finds it.
+        let high = regions[1].start_addr();
+        mem.write_slice(b"guest", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"high", high).unwrap();
+        let mut seen = [0u8; 5];
+        file.read_exact_at(&mut seen, 0x1000).unwrap();
+        assert_eq!(&seen, b"guest");
+        let mut seen = [0u8; 4];
+        file.read_exact_at(&mut seen, regions[0].len()).unwrap();
+        assert_eq!(&seen, b"high");
     }
 
     #[test]

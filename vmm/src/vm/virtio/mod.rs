@@ -7,6 +7,7 @@
 //! status handshake, and hands the device its queues when the driver is
 //! ready.
 
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
