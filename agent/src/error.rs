@@ -58,6 +58,21 @@ impl Error {
     pub fn internal(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {
         Error::Internal(format!("{context}: {err}"))
     }
+
+    /// The same kind of error, its message prefixed with `what: `.
+    pub fn context(self, what: &str) -> Self {
+        let prefix = |m: String| format!("{what}: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(prefix(m)),
+            Error::AlreadyExists(m) => Error::AlreadyExists(prefix(m)),
+            Error::NotFound(m) => Error::NotFound(prefix(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(prefix(m)),
+            Error::Unimplemented(m) => Error::Unimplemented(prefix(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(prefix(m)),
+            Error::EndOfStream(m) => Error::EndOfStream(prefix(m)),
+            Error::Internal(m) => Error::Internal(prefix(m)),
+        }
+    }
 }
 
 /// Checks a container, exec or sandbox id with the rule host and guest

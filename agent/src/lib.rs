@@ -7,6 +7,8 @@
 //! - [`sandbox`]: the containers and processes of this guest,
 //! - [`container`]: OCI spec -> namespaces, rootfs, cgroups, processes,
 //! - [`copy_file`]: CopyFile into the shared directory,
+//! - [`storage`]: Kata's storages (virtio-fs, local, ephemeral, bind),
+//!   mounted once per mount point and counted,
 //! - [`network`]: the guest's links, routes, neighbours, resolv.conf, hosts,
 //! - [`init`], [`reaper`], [`stdio`]: PID 1 duties, exits, process I/O.
 
@@ -19,6 +21,7 @@ pub mod reaper;
 pub mod sandbox;
 pub mod server;
 pub mod stdio;
+pub mod storage;
 pub mod unknown_service;
 
 /// The agent's version, reported by Health.Version and GetGuestDetails.

@@ -129,7 +129,7 @@ async fn serve(args: Args, pid1: bool) -> anyhow::Result<()> {
     {
         tracing::debug!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
     }
-    sandbox.remove_all().await;
+    sandbox.teardown().await;
     if let Some(path) = &socket {
         let _ = std::fs::remove_file(path);
     }

@@ -21,6 +21,8 @@ use crate::container::{checked_signal, Container, Pod};
 use crate::error::{validate_id, Error, Result};
 use crate::network::Network;
 use crate::reaper::{ExitStatus, Reaper};
+use crate::storage::roots::Roots;
+use crate::storage::{Lease, Storages};
 use crate::{copy_file, init};
 
 /// How often a container's cgroup is checked for new OOM kills. Reading one
@@ -34,7 +36,11 @@ enum Slot {
     /// Reserved while CreateContainer runs, so a second create with the
     /// same id fails with ALREADY_EXISTS instead of racing.
     Creating,
-    Ready(Arc<Container>),
+    Ready {
+        container: Arc<Container>,
+        /// The storages its CreateContainer took, released with the slot.
+        _storages: Lease,
+    },
 }
 
 pub struct Sandbox {
@@ -44,6 +50,10 @@ pub struct Sandbox {
     /// True when the agent is the guest's PID 1; false in host mode.
     is_init: bool,
     network: Network,
+    /// Kata's storages, counted by mount point.
+    storages: Arc<Storages>,
+    /// The storages CreateSandbox mounted: the sandbox's own use.
+    sandbox_storages: Mutex<Option<Lease>>,
     containers: Mutex<HashMap<String, Slot>>,
     /// The pod's IPC, UTS and PID namespaces: its first container's.
     pod_namespaces: Mutex<Option<Arc<PodNamespaces>>>,
@@ -57,12 +67,15 @@ pub struct Sandbox {
 impl Sandbox {
     pub fn new(reaper: Reaper, shared_dir: PathBuf, is_init: bool) -> Sandbox {
         let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        let roots = Roots::for_agent(&shared_dir, is_init);
         Sandbox {
             reaper,
             hierarchy: Hierarchy::detect(),
             shared_dir,
             is_init,
             network: Network::new(is_init),
+            storages: Arc::new(Storages::new(roots, is_init)),
+            sandbox_storages: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             pod_namespaces: Mutex::new(None),
             sandbox_id: Mutex::new(None),
@@ -79,7 +92,7 @@ impl Sandbox {
     pub fn container(&self, id: &str) -> Result<Arc<Container>> {
         validate_id("container id", id)?;
         match self.slots().get(id) {
-            Some(Slot::Ready(c)) => Ok(Arc::clone(c)),
+            Some(Slot::Ready { container, .. }) => Ok(Arc::clone(container)),
             _ => Err(Error::NotFound(format!("container {id} does not exist"))),
         }
     }
@@ -99,7 +112,6 @@ impl Sandbox {
         }
         Network::check_sandbox(&req.hostname, &req.dns)?;
         let unsupported = [
-            (!req.storages.is_empty(), "storages"),
             (req.sandbox_pidns, "a shared sandbox PID namespace"),
             (!req.guest_hook_path.is_empty(), "guest OCI hooks"),
             (!req.kernel_modules.is_empty(), "kernel modules"),
@@ -117,32 +129,48 @@ impl Sandbox {
         }
         std::fs::create_dir_all(&self.shared_dir)
             .map_err(|e| Error::internal(format!("creating {}", self.shared_dir.display()), e))?;
+        // Dropped, so unmounted, if anything below fails.
+        let storages = self.storages.acquire("CreateSandbox", &req.storages)?;
         if self.is_init {
             init::set_hostname(&req.hostname)?;
         } else {
             tracing::info!(hostname = %req.hostname, "host mode: leaving the host's hostname alone");
         }
         self.network.configure_sandbox(&req.hostname, &req.dns)?;
+        *self
+            .sandbox_storages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(storages);
         *sandbox_id = Some(req.sandbox_id.clone());
         tracing::info!(sandbox_id = %req.sandbox_id, "sandbox created");
         Ok(())
     }
 
-    /// Removes every container, then asks the agent to stop (and, as PID 1,
+    /// Tears the sandbox down, then asks the agent to stop (and, as PID 1,
     /// to power the guest off) once the reply has gone out.
     pub async fn destroy_sandbox(&self) -> Result<()> {
-        self.remove_all().await;
+        self.teardown().await;
         self.shutdown.notify_one();
         Ok(())
     }
 
-    pub async fn remove_all(&self) {
+    /// Removes every container, then unmounts every storage: the
+    /// sandbox's, shared ones no container uses any more, and those of a
+    /// container whose removal failed.
+    pub async fn teardown(&self) {
         let ids: Vec<String> = self.slots().keys().cloned().collect();
         for id in ids {
             if let Err(e) = self.remove_container(&id, Some(DESTROY_TIMEOUT)).await {
                 tracing::warn!(container_id = %id, error = %e, "removing container during sandbox teardown");
             }
         }
+        drop(
+            self.sandbox_storages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        self.storages.release_all();
     }
 
     /// Resolves once DestroySandbox has been called.
@@ -163,11 +191,12 @@ impl Sandbox {
             .OCI
             .as_ref()
             .ok_or_else(|| Error::invalid("CreateContainer has no OCI spec"))?;
-        if !req.storages.is_empty() || !req.devices.is_empty() {
+        if !req.devices.is_empty() {
             return Err(Error::Unimplemented(
-                "CreateContainer: storages and devices are not supported; copy the rootfs with CopyFile".into(),
+                "CreateContainer: devices are not supported; the Kestrel guest has no hotplugged devices".into(),
             ));
         }
+        self.check_root_path(spec)?;
         {
             let mut slots = self.slots();
             if slots.contains_key(id) {
@@ -177,6 +206,13 @@ impl Sandbox {
             }
             slots.insert(id.to_string(), Slot::Creating);
         }
+        let storages = match self.storages.acquire("CreateContainer", &req.storages) {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.slots().remove(id);
+                return Err(e);
+            }
+        };
         // Containers see the guest's resolv.conf and hosts unless they
         // mount their own.
         let spec = self.network.with_guest_files(spec);
@@ -196,21 +232,55 @@ impl Sandbox {
             pod,
         )
         .await;
-        let mut slots = self.slots();
         match created {
             Ok(c) => {
                 let c = Arc::new(c);
                 self.adopt_pod_namespaces(&c);
                 self.watch_oom(&c);
-                slots.insert(id.to_string(), Slot::Ready(c));
+                let ready = Slot::Ready {
+                    container: c,
+                    _storages: storages,
+                };
+                self.slots().insert(id.to_string(), ready);
                 tracing::info!(container_id = %id, "container created");
                 Ok(())
             }
             Err(e) => {
-                slots.remove(id);
+                self.slots().remove(id);
+                drop(storages);
                 Err(e)
             }
         }
+    }
+
+    /// A guest agent takes an absolute `root.path` only below its roots
+    /// (its shared directory, Kata's `/run/kata-containers`), where the
+    /// runtime put the rootfs by CopyFile or through the shared
+    /// filesystem; checked through symlinks. A relative one is below the
+    /// container's shared directory. In host mode the runtime hands over
+    /// rootfs directories of the host's own, so any absolute path goes.
+    fn check_root_path(&self, spec: &kestrel_protocols::oci::Spec) -> Result<()> {
+        let Some(raw) = spec.Root.as_ref().map(|r| r.Path.as_str()) else {
+            return Ok(());
+        };
+        if !self.is_init || !raw.starts_with('/') {
+            return Ok(());
+        }
+        let located = self.storages.roots().locate("root.path", raw)?;
+        let real = located
+            .path
+            .canonicalize()
+            .map_err(|e| Error::invalid(format!("root.path {raw:?} cannot be resolved: {e}")))?;
+        self.storages
+            .roots()
+            .locate("root.path", &real.to_string_lossy())
+            .map_err(|_| {
+                Error::invalid(format!(
+                    "root.path {raw:?} resolves to {}, outside the agent's roots",
+                    real.display()
+                ))
+            })?;
+        Ok(())
     }
 
     fn pod_namespaces(&self) -> std::sync::MutexGuard<'_, Option<Arc<PodNamespaces>>> {
@@ -276,7 +346,10 @@ impl Sandbox {
     pub async fn remove_container(&self, id: &str, timeout: Option<Duration>) -> Result<()> {
         let c = self.container(id)?;
         c.destroy(timeout).await?;
-        self.slots().remove(id);
+        // Its storages are released (unmounted when it was the last user)
+        // as the slot goes, before its shared directory is deleted.
+        let slot = self.slots().remove(id);
+        drop(slot);
         self.remove_copied_files(id).await;
         tracing::info!(container_id = %id, "container removed");
         Ok(())

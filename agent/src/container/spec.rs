@@ -330,13 +330,13 @@ fn mount_config(m: &oci::Mount) -> Result<MountConfig> {
     })
 }
 
-enum MountOption {
+pub(crate) enum MountOption {
     Set(MsFlags),
     Clear(MsFlags),
     Propagation(MsFlags),
 }
 
-fn mount_option(opt: &str) -> Option<MountOption> {
+pub(crate) fn mount_option(opt: &str) -> Option<MountOption> {
     use MountOption::*;
     use MsFlags as F;
     Some(match opt {
