@@ -8,6 +8,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod guest_agent;
+pub mod kata_wire;
 pub mod netns;
 pub mod shim;
 pub mod vmm_memory;
