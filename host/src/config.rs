@@ -56,6 +56,23 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     pub agent_log_level: String,
     pub stop_grace_ms: u64,
+    /// How a VM sandbox's containers get their rootfs and volumes.
+    pub shared_fs: SharedFsMode,
+}
+
+/// `[sandbox] shared_fs`: how the VM backends give a guest the host's
+/// files. The process backend's agent opens host paths itself and ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum SharedFsMode {
+    /// A virtiofsd per sandbox; rootfs and volumes are bind-mounted below
+    /// its shared directory, nothing is copied.
+    #[default]
+    #[serde(rename = "virtio-fs")]
+    VirtioFs,
+    /// No shared filesystem: rootfs and bind-mounted files are copied in
+    /// through CopyFile when a container is created.
+    #[serde(rename = "none")]
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -137,6 +154,7 @@ impl Default for SandboxConfig {
             state_dir: "/run/kestrel/sandboxes".into(),
             agent_log_level: "info".into(),
             stop_grace_ms: 5000,
+            shared_fs: SharedFsMode::default(),
         }
     }
 }
@@ -553,6 +571,19 @@ mod tests {
         for name in ["auto", "process", "builtin", "qemu", "cloud-hypervisor"] {
             assert!(text.contains(name), "{text} lacks {name}");
         }
+    }
+
+    #[test]
+    fn shared_fs_is_virtio_fs_unless_set_to_none_and_nothing_else_goes() {
+        assert_eq!(Config::default().sandbox.shared_fs, SharedFsMode::VirtioFs);
+        let none = parse("[sandbox]\nshared_fs = \"none\"\n").unwrap();
+        assert_eq!(none.sandbox.shared_fs, SharedFsMode::None);
+        let err = parse("[sandbox]\nshared_fs = \"9p\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("9p") && text.contains("virtio-fs") && text.contains("none"),
+            "{text}"
+        );
     }
 
     #[test]

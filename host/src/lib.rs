@@ -15,6 +15,7 @@ pub mod oci;
 pub mod pod;
 pub mod rootfs;
 pub mod sandbox;
+pub mod shared_fs;
 pub mod shim;
 
 /// An error and each of its causes, `: `-separated, for a log line or a

@@ -1,8 +1,9 @@
 //! Copying a container's rootfs, and the files its spec bind-mounts, into
 //! a VM sandbox's guest through the agent's CopyFile RPC.
 //!
-//! A VM guest cannot see the host's files (Kestrel runs Kata's "no shared
-//! filesystem" mode), so before CreateContainer the shim walks the rootfs
+//! With `[sandbox] shared_fs = "none"` a VM guest cannot see the host's
+//! files (Kata's "no shared filesystem" mode; the default shares them over
+//! virtio-fs instead, see `shared_fs`), so before CreateContainer the shim walks the rootfs
 //! on the host and recreates it below the agent's shared directory:
 //! directories first, parents before children, then regular files in
 //! [`CHUNK`]-sized pieces and symlinks with their targets unchanged. Modes
@@ -345,7 +346,7 @@ pub async fn copy_bind_mounts(
 }
 
 /// A bind mount as runc reads one: the type says so, or an option does.
-fn is_bind(mount: &Mount) -> bool {
+pub(crate) fn is_bind(mount: &Mount) -> bool {
     mount.type_ == "bind" || mount.options.iter().any(|o| o == "bind" || o == "rbind")
 }
 

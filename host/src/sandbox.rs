@@ -12,7 +12,7 @@ use kestrel_protocols::agent::CreateSandboxRequest;
 use tokio::sync::watch;
 
 use crate::agent_client::{AgentClient, AgentError};
-use crate::config::Config;
+use crate::config::{Config, SharedFsMode};
 use crate::dial::Address;
 use crate::lifecycle::relist::{HealthReport, HEALTH_FILE};
 
@@ -79,6 +79,8 @@ pub struct Sandbox {
     config_path: Option<PathBuf>,
     /// The pod network namespace the guest's cards are mirrored into.
     netns: Option<PathBuf>,
+    /// The directory the guest mounts over virtio-fs, when it has one.
+    shared_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -155,6 +157,12 @@ impl Sandbox {
             Some(netns) => Some(attach_network(id, netns).await?),
             None => None,
         };
+        // A VM gets the host's files through a shared directory unless the
+        // configuration says to copy them; the process backend's agent
+        // opens host paths itself.
+        let shared_dir = (config.sandbox.shared_fs == SharedFsMode::VirtioFs
+            && hypervisor.backend().is_vm())
+        .then(|| crate::shared_fs::host_dir(&state_dir));
         let mut spec = SandboxSpec {
             id: id.into(),
             state_dir: state_dir.clone(),
@@ -163,7 +171,9 @@ impl Sandbox {
             vm: Some(vm),
             netns: request.netns.clone(),
             nics: Vec::new(),
-            shared_fs: None,
+            shared_fs: shared_dir
+                .as_ref()
+                .map(|_| crate::shared_fs::spec(&state_dir)),
         };
         if let Some(network) = &network {
             spec.nics = network.nics.clone();
@@ -177,6 +187,15 @@ impl Sandbox {
             source,
         };
         let connected = async {
+            if shared_dir.is_some() {
+                // virtiofsd serves it from the start: it must exist before
+                // prepare, and the state directory with it.
+                kestrel_hypervisor::state_dir::create(&state_dir).map_err(hv_err)?;
+                crate::shared_fs::create_dir(&state_dir).map_err(|e| SandboxError::Record {
+                    id: id.into(),
+                    message: crate::error_chain(&e),
+                })?;
+            }
             hypervisor.prepare(&spec).await.map_err(hv_err)?;
             if let Some(netns) = &netns {
                 write_file(
@@ -196,6 +215,10 @@ impl Sandbox {
                 .create_sandbox(CreateSandboxRequest {
                     sandbox_id: id.into(),
                     hostname: id.chars().take(63).collect(),
+                    storages: shared_dir
+                        .iter()
+                        .map(|_| crate::shared_fs::storage())
+                        .collect(),
                     ..Default::default()
                 })
                 .await
@@ -226,15 +249,29 @@ impl Sandbox {
                     stop_grace: grace,
                     config_path: request.config_path.clone(),
                     netns,
+                    shared_dir,
                 }))
             }
             Err(e) => {
+                if let Some(dir) = &shared_dir {
+                    release_shared_dir(id, dir);
+                }
                 if let Err(stop) = hypervisor.stop(grace).await {
                     tracing::warn!(
                         sandbox_id = id,
                         error = crate::error_chain(&stop),
                         "cleaning up after a failed start"
                     );
+                }
+                if shared_dir.is_some() {
+                    // Made before prepare, which may not have been reached.
+                    if let Err(e) = kestrel_hypervisor::state_dir::remove(&state_dir) {
+                        tracing::warn!(
+                            sandbox_id = id,
+                            error = crate::error_chain(&e),
+                            "cleaning up after a failed start"
+                        );
+                    }
                 }
                 if let Some(netns) = &netns {
                     detach_network(id, netns).await;
@@ -270,7 +307,12 @@ impl Sandbox {
 
     /// How a container's rootfs reaches this sandbox's agent.
     pub fn rootfs_delivery(&self) -> RootfsDelivery {
-        self.backend().rootfs_delivery()
+        self.backend().rootfs_delivery(self.shared_dir.is_some())
+    }
+
+    /// The host directory the guest mounts over virtio-fs, if it has one.
+    pub fn shared_dir(&self) -> Option<&Path> {
+        self.shared_dir.as_deref()
     }
 
     /// The pid of the process that embodies the guest.
@@ -315,6 +357,11 @@ impl Sandbox {
                 tracing::warn!(sandbox_id = %self.id, "DestroySandbox did not complete; stopping the guest anyway");
             }
         }
+        // The backend's stop removes the state directory: what containers
+        // still have mounted in the shared directory goes first.
+        if let Some(dir) = &self.shared_dir {
+            release_shared_dir(&self.id, dir);
+        }
         let exit = self
             .hypervisor
             .stop(self.stop_grace)
@@ -328,6 +375,15 @@ impl Sandbox {
         }
         tracing::info!(sandbox_id = %self.id, ?exit, "sandbox stopped");
         Ok(exit)
+    }
+}
+
+/// Unmounts whatever is still mounted in a sandbox's shared directory
+/// (containers normally unmount their own when deleted).
+fn release_shared_dir(id: &str, dir: &Path) {
+    let left = crate::shared_fs::unmount_all(dir);
+    if !left.is_empty() {
+        tracing::error!(sandbox_id = id, still_mounted = ?left, "mounts left in the shared directory; its state directory will not be removed");
     }
 }
 
@@ -441,8 +497,9 @@ fn read_record(dir: &Path) -> Option<SandboxRecord> {
 }
 
 /// Cleans up a sandbox whose runtime is gone: kills its guest process if
-/// it is still the one recorded, and removes its state directory (only if
-/// the runtime made it). Returns what was found, `None` if there was no
+/// it is still the one recorded, unmounts what the dead runtime left bound
+/// in its shared directory, and removes its state directory (only if the
+/// runtime made it, and never through a mount). Returns what was found, `None` if there was no
 /// sandbox.
 pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord>, SandboxError> {
     let dir = state_dir(config, id)?;
@@ -486,6 +543,9 @@ pub fn clean_up_orphan(config: &Config, id: &str) -> Result<Option<SandboxRecord
             );
         }
     }
+    // The crashed shim's binds of rootfs and volumes: removing the state
+    // directory through them would delete the files they show.
+    release_shared_dir(id, &crate::shared_fs::host_dir(&dir));
     kestrel_hypervisor::state_dir::remove(&dir).map_err(|source| SandboxError::Hypervisor {
         id: id.into(),
         source,

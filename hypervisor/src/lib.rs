@@ -198,6 +198,8 @@ pub enum Error {
     Config(String),
     #[error("refusing to touch {0}: it is not a sandbox directory Kestrel created (no {marker} in it)", marker = state_dir::MARKER)]
     NotOurs(PathBuf),
+    #[error("refusing to remove {}: {} is still mounted below it (removing would delete what the mount shows)", dir.display(), mounts.first().map(|m| m.display().to_string()).unwrap_or_default())]
+    StillMounted { dir: PathBuf, mounts: Vec<PathBuf> },
     #[error("the {0} backend needs a VM spec (kernel, initrd, size); none was given")]
     NoVmSpec(&'static str),
     #[error("the agent binary {0} does not exist or is not executable")]

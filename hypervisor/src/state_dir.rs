@@ -15,8 +15,14 @@
 //! socket names stay within [`MAX_SOCKET_NAME_LEN`], and a state root of at
 //! most [`max_root_len`] bytes (checked when the configuration loads) then
 //! fits every socket of every sandbox.
+//!
+//! The runtime bind-mounts containers' root filesystems and volumes below a
+//! sandbox's directory (its shared directory) and unmounts them before the
+//! directory goes. [`remove`] does not trust that either: it refuses a
+//! directory with anything mounted at or below it, since deleting through a
+//! bind mount deletes the files it shows (a container's rootfs, a volume).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::Error;
 
@@ -79,7 +85,9 @@ pub fn create(dir: &Path) -> Result<(), Error> {
 }
 
 /// Removes `dir` and everything in it if [`create`] made it; a directory
-/// that is already gone is fine, one without the marker is refused.
+/// that is already gone is fine, one without the marker is refused, and so
+/// is one with a mount point at or below it ([`mounts_below`]): nothing is
+/// then removed.
 pub fn remove(dir: &Path) -> Result<(), Error> {
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -94,6 +102,13 @@ pub fn remove(dir: &Path) -> Result<(), Error> {
             return Err(Error::NotOurs(dir.to_path_buf()))
         }
         Ok(_) => {}
+    }
+    let mounted = mounts_below(dir);
+    if !mounted.is_empty() {
+        return Err(Error::StillMounted {
+            dir: dir.to_path_buf(),
+            mounts: mounted,
+        });
     }
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -110,6 +125,52 @@ pub fn remove(dir: &Path) -> Result<(), Error> {
 pub fn is_ours(dir: &Path) -> bool {
     let marker = dir.join(MARKER);
     std::fs::symlink_metadata(marker).is_ok_and(|m| m.is_file())
+}
+
+/// The mount points at or below `dir` in this process's mount table
+/// (`/proc/self/mountinfo`), deepest first, so that unmounting them in
+/// order never meets one still covered by another. A point mounted over
+/// several times is listed that many times. `dir` is compared as given:
+/// pass the path the mounts were made under.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|raw| PathBuf::from(unescape_mount_point(raw)))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    // Later lines were mounted later: reversed first, a stable sort by depth
+    // keeps the newest of a stack first.
+    points.reverse();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\012` for a
+/// newline, `\134` for a backslash).
+fn unescape_mount_point(raw: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 #[cfg(test)]
@@ -155,6 +216,48 @@ mod tests {
         assert!(matches!(create(&victim), Err(Error::NotOurs(_))));
         assert!(victim.join("precious").exists());
         assert!(!victim.join(MARKER).exists());
+    }
+
+    #[test]
+    fn mount_point_escapes_are_undone() {
+        assert_eq!(unescape_mount_point("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_point("/x\\134y\\012"), "/x\\y\n");
+        assert_eq!(unescape_mount_point("/plain\\9"), "/plain\\9");
+    }
+
+    #[test]
+    fn a_directory_with_a_mount_below_it_is_refused_and_keeps_everything() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: needs root to bind-mount");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sb");
+        create(&dir).unwrap();
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::fs::write(volume.join("precious"), b"x").unwrap();
+        let target = dir.join("shared/c1");
+        std::fs::create_dir_all(&target).unwrap();
+        nix::mount::mount(
+            Some(&volume),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert_eq!(mounts_below(&dir), std::slice::from_ref(&target));
+        let refused = remove(&dir);
+        nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(
+            matches!(&refused, Err(Error::StillMounted { mounts, .. }) if mounts.as_slice() == std::slice::from_ref(&target)),
+            "{refused:?}"
+        );
+        assert!(volume.join("precious").exists());
+        assert!(dir.join(MARKER).exists());
+        remove(&dir).unwrap();
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use super::state::{Exit, IllegalTransition, Phase, ProcessState, Transition};
 use crate::hooks::HostHooks;
+use crate::shared_fs::SharedContainer;
 use crate::shim::mount::MountedRootfs;
 use crate::shim::stdio::ProcessIo;
 
@@ -133,6 +134,8 @@ pub struct Container {
     pub hooks: HostHooks,
     execs: Mutex<BTreeMap<String, Arc<Process>>>,
     rootfs: Mutex<Option<MountedRootfs>>,
+    /// Its rootfs and volumes bound into a VM's shared directory.
+    shared: Mutex<Option<SharedContainer>>,
     /// Serialises create/start/exec/kill/delete on this container only.
     pub op: tokio::sync::Mutex<()>,
 }
@@ -158,6 +161,7 @@ impl Container {
             hooks: HostHooks::default(),
             execs: Mutex::new(BTreeMap::new()),
             rootfs: Mutex::new(None),
+            shared: Mutex::new(None),
             op: tokio::sync::Mutex::new(()),
         }
     }
@@ -177,8 +181,16 @@ impl Container {
         *locked(&self.rootfs) = Some(rootfs);
     }
 
-    /// Unmounts the rootfs, if this container mounted one.
+    /// Keeps what the container shares with its VM until the teardown
+    /// lets go of it.
+    pub fn set_shared(&self, shared: SharedContainer) {
+        *locked(&self.shared) = Some(shared);
+    }
+
+    /// Unmounts what this container mounted on the host: its binds in the
+    /// VM's shared directory first (they show the rootfs), then the rootfs.
     pub fn release_rootfs(&self) {
+        drop(locked(&self.shared).take());
         drop(locked(&self.rootfs).take());
     }
 

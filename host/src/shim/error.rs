@@ -18,6 +18,7 @@ use crate::oci::SpecError;
 use crate::pod::SizingError;
 use crate::rootfs::RootfsError;
 use crate::sandbox::SandboxError;
+use crate::shared_fs::SharedFsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -66,6 +67,12 @@ pub enum ShimError {
         what: &'static str,
         #[source]
         source: Box<RootfsError>,
+    },
+    #[error("container {id}: sharing its rootfs and volumes with the VM")]
+    ShareIntoVm {
+        id: String,
+        #[source]
+        source: Box<SharedFsError>,
     },
     #[error("container {id}: setting up the stdio of {process}")]
     Stdio {
@@ -130,6 +137,12 @@ impl ShimError {
                 Code::FAILED_PRECONDITION
             }
             ShimError::Sandbox(_) | ShimError::SandboxStartFailed { .. } => Code::UNAVAILABLE,
+            // A bind source the spec cannot have meant, versus the host
+            // failing to mount what it should have.
+            ShimError::ShareIntoVm { source, .. } => match **source {
+                SharedFsError::Io { .. } => Code::INTERNAL,
+                _ => Code::INVALID_ARGUMENT,
+            },
             ShimError::CopyIntoVm { .. } | ShimError::Internal(_) => Code::INTERNAL,
             // The spec's own hook refused, or could not be run here.
             ShimError::Hook {

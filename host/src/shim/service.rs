@@ -211,8 +211,10 @@ impl Runtime {
             self.run_hooks(container, phase, sandbox.pid()).await?;
         }
         let agent = sandbox.agent();
-        if sandbox.rootfs_delivery() == RootfsDelivery::CopyIntoGuest {
-            copy_into_vm(agent, id, spec).await?;
+        match sandbox.rootfs_delivery() {
+            RootfsDelivery::CopyIntoGuest => copy_into_vm(agent, id, spec).await?,
+            RootfsDelivery::SharedFs => share_into_vm(container, &sandbox, spec)?,
+            RootfsDelivery::HostPath => {}
         }
         // Before the guest has the container: a destination that does not
         // open, or a logger that does not start, leaves nothing there.
@@ -641,6 +643,26 @@ async fn copy_into_vm(agent: &AgentClient, id: &str, spec: &mut oci::Spec) -> Re
             source: Box::new(source),
         })?;
     spec.Mounts = mounts;
+    Ok(())
+}
+
+/// Kata's shared filesystem: the container's rootfs and the files and
+/// directories its spec bind-mounts are bind-mounted below the sandbox's
+/// shared directory, and the spec is pointed at their guest paths. The
+/// container keeps the binds until its teardown (or a failed create)
+/// releases them.
+fn share_into_vm(container: &Container, sandbox: &Sandbox, spec: &mut oci::Spec) -> Result<()> {
+    let dir = sandbox.shared_dir().ok_or_else(|| {
+        ShimError::Internal(format!("sandbox {} has no shared directory", sandbox.id))
+    })?;
+    let shared =
+        crate::shared_fs::SharedContainer::share(dir, &container.id, spec).map_err(|source| {
+            ShimError::ShareIntoVm {
+                id: container.id.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    container.set_shared(shared);
     Ok(())
 }
 

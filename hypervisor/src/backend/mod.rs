@@ -35,6 +35,9 @@ pub enum RootfsDelivery {
     /// The guest sees no host files: the tree is copied in through the
     /// agent's CopyFile (Kata's no-shared-filesystem mode).
     CopyIntoGuest,
+    /// The host bind-mounts the tree below the sandbox's shared directory,
+    /// which the guest mounts over virtio-fs ([`crate::SharedFs`]).
+    SharedFs,
 }
 
 /// The programs the VM backends run, as the configuration names them.
@@ -87,10 +90,15 @@ impl Backend {
         self != Backend::Process
     }
 
-    /// How a container's rootfs and bind-mounted files reach the agent.
-    pub fn rootfs_delivery(self) -> RootfsDelivery {
+    /// How a container's rootfs and bind-mounted files reach the agent:
+    /// a VM's through its shared directory when `shared_fs` (the runtime's
+    /// configuration) allows one, else copied in.
+    pub fn rootfs_delivery(self, shared_fs: bool) -> RootfsDelivery {
         match self {
             Backend::Process => RootfsDelivery::HostPath,
+            Backend::Builtin | Backend::Qemu | Backend::CloudHypervisor if shared_fs => {
+                RootfsDelivery::SharedFs
+            }
             Backend::Builtin | Backend::Qemu | Backend::CloudHypervisor => {
                 RootfsDelivery::CopyIntoGuest
             }
@@ -175,11 +183,20 @@ mod tests {
     }
 
     #[test]
-    fn only_the_process_backend_shares_host_files() {
+    fn only_the_process_backend_opens_host_paths_and_vms_share_unless_told_not_to() {
         for backend in Backend::ALL {
-            let shares = backend.rootfs_delivery() == RootfsDelivery::HostPath;
-            assert_eq!(shares, backend == Backend::Process, "{backend}");
-            assert_eq!(backend.is_vm(), !shares, "{backend}");
+            let host = backend.rootfs_delivery(true) == RootfsDelivery::HostPath;
+            assert_eq!(host, backend == Backend::Process, "{backend}");
+            assert_eq!(backend.is_vm(), !host, "{backend}");
+            if backend.is_vm() {
+                assert_eq!(backend.rootfs_delivery(true), RootfsDelivery::SharedFs);
+                assert_eq!(
+                    backend.rootfs_delivery(false),
+                    RootfsDelivery::CopyIntoGuest
+                );
+            } else {
+                assert_eq!(backend.rootfs_delivery(false), RootfsDelivery::HostPath);
+            }
         }
     }
 
