@@ -4,7 +4,8 @@
 //! the `kataShared` virtio-fs storage at Kata's mount point, then a
 //! container whose rootfs is in Kata's layout,
 //! `/run/kata-containers/shared/containers/<cid>/rootfs`, in a QEMU guest
-//! whose virtio-fs device virtiofsd serves from a host directory. The
+//! (and a kestrel-vmm guest) whose virtio-fs device virtiofsd serves from
+//! a host directory. The
 //! container reads a file the host wrote there and writes one the host
 //! then reads: the rootfs is shared, not copied.
 
@@ -13,10 +14,15 @@ use std::time::Duration;
 
 use kestrel_host::agent_client::{dial, DialPolicy};
 use kestrel_host::dial::Address;
+use kestrel_hypervisor::backend::builtin::Builtin;
 use kestrel_hypervisor::backend::qemu::{Qemu, QemuOptions};
+use kestrel_hypervisor::backend::virtiofsd::DEFAULT_BINARY;
 use kestrel_hypervisor::{FsCache, Hypervisor, SandboxSpec, SharedFs, VmShape, VmSpec};
 use kestrel_tests::kata_wire::{call, read_int, Msg};
-use kestrel_tests::{binary, busybox_rootfs, mounts_under, on_path, qemu_ready, skip};
+use kestrel_tests::{
+    binary, busybox_rootfs, guest_image, kvm_runs_guests_here, mounts_under, on_path, qemu_ready,
+    skip,
+};
 
 const KATA_SHARED: &str = "/run/kata-containers/shared/containers/";
 const CID: &str = "kata-raw-c1";
@@ -62,12 +68,42 @@ fn spec(args: &[&str]) -> Msg {
 }
 
 #[test]
-fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared() {
-    let test = "a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared";
+fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared_on_qemu() {
+    let test = "a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared_on_qemu";
     let Some(image) = qemu_ready(test) else {
         return;
     };
-    if !on_path(kestrel_hypervisor::backend::virtiofsd::DEFAULT_BINARY) {
+    let qemu = Qemu::new(QemuOptions {
+        binary: "qemu-system-x86_64".into(),
+        vmm_binary: binary("kestrel-vmm"),
+        accel: "auto".into(),
+        virtiofsd: DEFAULT_BINARY.into(),
+    });
+    kata_sandbox_runs_shared(test, Box::new(qemu), image.bzimage.clone(), &image);
+}
+
+/// The same on kestrel-vmm's vhost-user-fs device (in the nested-KVM
+/// harness's L1 here).
+#[test]
+fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared_on_builtin() {
+    let test = "a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared_on_builtin";
+    if !kvm_runs_guests_here(test) {
+        return;
+    }
+    let Some(image) = guest_image(test) else {
+        return;
+    };
+    let builtin = Builtin::new(binary("kestrel-vmm")).with_virtiofsd(DEFAULT_BINARY.into());
+    kata_sandbox_runs_shared(test, Box::new(builtin), image.vmlinux.clone(), &image);
+}
+
+fn kata_sandbox_runs_shared(
+    test: &str,
+    mut vmm: Box<dyn Hypervisor>,
+    kernel: std::path::PathBuf,
+    image: &kestrel_tests::GuestImage,
+) {
+    if !on_path(DEFAULT_BINARY) {
         skip(test, "needs virtiofsd (scripts/install-virtiofsd.sh)");
         return;
     }
@@ -80,19 +116,13 @@ fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut qemu = Qemu::new(QemuOptions {
-        binary: "qemu-system-x86_64".into(),
-        vmm_binary: binary("kestrel-vmm"),
-        accel: "auto".into(),
-        virtiofsd: kestrel_hypervisor::backend::virtiofsd::DEFAULT_BINARY.into(),
-    });
     let spec_vm = SandboxSpec {
         id: "kata-raw".into(),
         state_dir: dir.path().join("state"),
         agent_path: "/unused".into(),
         agent_log_level: "info".into(),
         vm: Some(VmSpec {
-            kernel: image.bzimage.clone(),
+            kernel,
             initrd: image.initrd.clone(),
             shape: VmShape::default(),
             kernel_params: String::new(),
@@ -106,9 +136,9 @@ fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared() {
         }),
     };
     let status = runtime.block_on(async {
-        qemu.prepare(&spec_vm).await.expect("prepare");
-        qemu.start().await.expect("start");
-        let address: Address = qemu.agent_address().expect("address").parse().expect("parse");
+        vmm.prepare(&spec_vm).await.expect("prepare");
+        vmm.start().await.expect("start");
+        let address: Address = vmm.agent_address().expect("address").parse().expect("parse");
         let client = dial(
             &address,
             DialPolicy {
@@ -158,7 +188,7 @@ fn a_kata_runtimes_virtio_fs_sandbox_and_kata_layout_container_run_shared() {
             Msg::new("grpc.DestroySandboxRequest").into_bytes(),
         )
         .await;
-        qemu.stop(Duration::from_secs(5)).await.expect("stop");
+        vmm.stop(Duration::from_secs(5)).await.expect("stop");
         status
     });
     assert_eq!(status, 0, "the container's exit status");
