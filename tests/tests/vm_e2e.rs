@@ -203,6 +203,7 @@ fn killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering() {
     killing_the_vmm_stops_its_containers(
         "killing_qemu_stops_its_containers_with_255_and_the_shim_keeps_answering",
         Vmm::Qemu,
+        Victim::Vmm,
     );
 }
 
@@ -211,10 +212,38 @@ fn killing_kestrel_vmm_stops_its_containers_with_255_and_the_shim_keeps_answerin
     killing_the_vmm_stops_its_containers(
         "killing_kestrel_vmm_stops_its_containers_with_255_and_the_shim_keeps_answering",
         Vmm::Builtin,
+        Victim::Vmm,
     );
 }
 
-fn killing_the_vmm_stops_its_containers(test: &str, vmm: Vmm) {
+/// The guest's filesystem server dying is the guest's death: its rootfs is
+/// gone.
+#[test]
+fn killing_virtiofsd_stops_a_qemu_vms_containers_with_255() {
+    killing_the_vmm_stops_its_containers(
+        "killing_virtiofsd_stops_a_qemu_vms_containers_with_255",
+        Vmm::Qemu,
+        Victim::Virtiofsd,
+    );
+}
+
+#[test]
+fn killing_virtiofsd_stops_a_kestrel_vmm_vms_containers_with_255() {
+    killing_the_vmm_stops_its_containers(
+        "killing_virtiofsd_stops_a_kestrel_vmm_vms_containers_with_255",
+        Vmm::Builtin,
+        Victim::Virtiofsd,
+    );
+}
+
+/// Which of a sandbox's processes a test kills.
+#[derive(Clone, Copy)]
+enum Victim {
+    Vmm,
+    Virtiofsd,
+}
+
+fn killing_the_vmm_stops_its_containers(test: &str, vmm: Vmm, victim: Victim) {
     let Some(image) = ready(test, vmm) else {
         return;
     };
@@ -222,10 +251,23 @@ fn killing_the_vmm_stops_its_containers(test: &str, vmm: Vmm) {
     let rootfs = busybox_rootfs(c.path());
     c.run_detached(rootfs.to_str().unwrap(), "victim", &["sleep", "1000"]);
     let events = Events::subscribe(&c);
-    let vms = vmms(&c, vmm);
-    assert_eq!(vms.len(), 1);
+    let targets: Vec<u32> = match victim {
+        Victim::Vmm => vmms(&c, vmm),
+        Victim::Virtiofsd => c
+            .leftover_processes()
+            .into_iter()
+            // The program itself, not QEMU naming its socket.
+            .filter(|(_, cmd)| {
+                cmd.split_whitespace()
+                    .next()
+                    .is_some_and(|program| program.ends_with("virtiofsd"))
+            })
+            .map(|(pid, _)| pid)
+            .collect(),
+    };
+    assert_eq!(targets.len(), 1, "one process to kill");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vms[0] as i32),
+        nix::unistd::Pid::from_raw(targets[0] as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

@@ -268,9 +268,10 @@ impl Child {
 ///
 /// A helper also leaves, with status 0, whenever the VMM hangs up on it,
 /// and the VMM does that while it exits (the guest powered off, or `stop`
-/// sent SIGTERM) but before its own exit is seen; so the helper's exit is
-/// a death only when `stop` has not begun and the VMM is still there
-/// [`VMM_LEAVING`] later.
+/// sent SIGTERM) but before its own exit is seen; so a status-0 exit is a
+/// death only when `stop` has not begun and the VMM is still there
+/// [`VMM_LEAVING`] later. Any other exit (a kill, a failure) is a death at
+/// once unless the stop already began.
 pub(crate) async fn watch_helper(
     helper: &'static str,
     sandbox_id: String,
@@ -288,14 +289,22 @@ pub(crate) async fn watch_helper(
         _ = vmm_exit.wait_for(Option::is_some) => return,
         _ = stopping.wait_for(|stopping| *stopping) => return,
     };
-    let expected = tokio::time::timeout(VMM_LEAVING, async {
-        tokio::select! {
-            _ = vmm_exit.wait_for(Option::is_some) => {}
-            _ = stopping.wait_for(|stopping| *stopping) => {}
-        }
-    })
-    .await;
-    if expected.is_ok() {
+    // Only a helper that ended by itself (status 0) may be leaving with
+    // the VMM; killed, or failing, it died, and the guest must not wait
+    // for the VMM to notice.
+    let expected = if exit == GuestExit::Exited(0) {
+        tokio::time::timeout(VMM_LEAVING, async {
+            tokio::select! {
+                _ = vmm_exit.wait_for(Option::is_some) => {}
+                _ = stopping.wait_for(|stopping| *stopping) => {}
+            }
+        })
+        .await
+        .is_ok()
+    } else {
+        *stopping.borrow() || vmm.has_exited()
+    };
+    if expected {
         tracing::info!(sandbox_id, helper_exit = %exit, "{helper} left with the VMM");
         return;
     }
