@@ -238,3 +238,44 @@ fn delete_after_a_killed_shim_unmounts_the_shared_binds_before_removing_anything
     );
     c.assert_nothing_left();
 }
+
+/// A rootfs with a 200 MiB file starts in a 256 MiB VM, and the guest's
+/// memory does not hold it: copied in, it would land in the guest's tmpfs
+/// (Shmem) and leave no room; shared, it stays on the host.
+#[test]
+fn a_200_mib_image_starts_without_its_size_in_guest_memory() {
+    let test = "a_200_mib_image_starts_without_its_size_in_guest_memory";
+    let Some(c) = start(test, "") else {
+        return;
+    };
+    let rootfs = busybox_rootfs(c.path());
+    let chunk = kestrel_tests::pseudo_random(1 << 20);
+    let mut big = std::fs::File::create(rootfs.join("image-data")).expect("image file");
+    for _ in 0..200 {
+        std::io::Write::write_all(&mut big, &chunk).expect("writing the image file");
+    }
+    drop(big);
+    run_with_mounts(&c, &rootfs, "vfs-big", &[]);
+    let (out, err) = sh(
+        &c,
+        "vfs-big",
+        "mem",
+        "wc -c < /image-data; grep -E '^(MemTotal|Shmem):' /proc/meminfo",
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next().map(str::trim), Some("209715200"), "{out}{err}");
+    let kib = |name: &str| -> u64 {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {out}"))
+    };
+    assert!(kib("MemTotal:") < 256 * 1024, "{out}");
+    assert!(
+        kib("Shmem:") < 64 * 1024,
+        "the image is in guest memory: {out}"
+    );
+    c.kill_and_delete("vfs-big");
+    c.assert_nothing_left();
+}
