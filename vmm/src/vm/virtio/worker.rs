@@ -101,9 +101,13 @@ impl<S> Worker<S> {
         }
         let _ = self.kill.write(1);
         match self.answers.recv() {
-            Ok(_) => {
+            Ok(Ok(())) => {
                 self.active = false;
                 true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "resetting the {} device", self.device);
+                false
             }
             Err(_) => false,
         }

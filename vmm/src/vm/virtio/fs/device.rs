@@ -18,7 +18,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_queue::Queue;
@@ -30,6 +29,7 @@ use super::config::{config_space, FsConfig, CONFIG_SPACE_LEN, NUM_REQUEST_QUEUES
 use super::frontend::Session;
 use super::Error;
 use crate::seccomp::{self, Filter};
+use crate::vm::virtio::worker::Worker;
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
 /// The high-priority queue, then the request queues.
@@ -45,21 +45,7 @@ pub struct FsDevice {
     queue_sizes: [u16; NUM_QUEUES],
     features: u64,
     acked_features: u64,
-    /// Whether the backend serves the queues (activated, not reset since).
-    active: bool,
-    worker: Option<Worker>,
-}
-
-/// The device's end of its thread.
-#[derive(Debug)]
-struct Worker {
-    /// Activations; dropping it ends the thread.
-    activations: Sender<Serving>,
-    /// One answer per activation and per kill.
-    answers: Receiver<Result<(), String>>,
-    /// Makes the serving thread stop the rings and give the queues back.
-    kill: EventFd,
-    thread: JoinHandle<Option<()>>,
+    worker: Worker<Serving>,
 }
 
 /// What the thread serves between an activation and a reset.
@@ -125,20 +111,9 @@ impl FsDevice {
             queue_sizes: [config.queue_size; NUM_QUEUES],
             features,
             acked_features: 0,
-            active: false,
-            worker: Some(Worker {
-                activations,
-                answers,
-                kill,
-                thread,
-            }),
+            worker: Worker::new("virtio-fs", activations, answers, kill, thread),
         })
     }
-}
-
-/// The thread is gone: it met an error it logged.
-fn thread_gone() -> ActivateError {
-    ActivateError::Device("the virtio-fs device thread has stopped".into())
 }
 
 impl VirtioDevice for FsDevice {
@@ -182,67 +157,19 @@ impl VirtioDevice for FsDevice {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::Device(format!(
-                "virtio-fs needs {NUM_QUEUES} queues, got {}",
-                queues.len()
-            )));
-        }
-        if self.active {
-            return Err(ActivateError::Device(
-                "virtio-fs device is already active".into(),
-            ));
-        }
-        let worker = self.worker.as_ref().ok_or_else(thread_gone)?;
-        let serving = Serving {
+        self.worker
+            .check_queues(NUM_QUEUES, queues.len(), queue_evts.len())?;
+        self.worker.activate(Serving {
             acked_features: self.acked_features,
             mem,
             interrupt,
             queues,
             kicks: queue_evts,
-        };
-        worker
-            .activations
-            .send(serving)
-            .map_err(|_| thread_gone())?;
-        worker
-            .answers
-            .recv()
-            .map_err(|_| thread_gone())?
-            .map_err(ActivateError::Device)?;
-        self.active = true;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        if !self.active {
-            return true;
-        }
-        let Some(worker) = &self.worker else {
-            return false;
-        };
-        let _ = worker.kill.write(1);
-        match worker.answers.recv() {
-            Ok(Ok(())) => {
-                self.active = false;
-                true
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "stopping the virtio-fs rings");
-                false
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl Drop for FsDevice {
-    fn drop(&mut self) {
-        self.reset();
-        if let Some(worker) = self.worker.take() {
-            drop(worker.activations);
-            let _ = worker.thread.join();
-        }
+        self.worker.reset()
     }
 }
 
@@ -260,7 +187,7 @@ struct Core {
 impl Core {
     /// Serves each activation until its reset, until the device is
     /// dropped.
-    fn run(&mut self, activations: &Receiver<Serving>, answer: &Sender<Result<(), String>>) {
+    fn run(&mut self, activations: &Receiver<Serving>, answer: &Sender<io::Result<()>>) {
         while let Ok(serving) = activations.recv() {
             let activated = {
                 let mem = serving.mem.memory();
@@ -273,7 +200,7 @@ impl Core {
                 )
             };
             if let Err(e) = activated {
-                let _ = answer.send(Err(e.to_string()));
+                let _ = answer.send(Err(io::Error::other(e.to_string())));
                 continue;
             }
             let _ = answer.send(Ok(()));
@@ -281,7 +208,10 @@ impl Core {
                 tracing::error!(error = %e, "virtio-fs device event loop failed; the device stops");
                 return;
             }
-            let stopped = self.session.deactivate().map_err(|e| e.to_string());
+            let stopped = self
+                .session
+                .deactivate()
+                .map_err(|e| io::Error::other(e.to_string()));
             let _ = answer.send(stopped);
         }
     }
