@@ -864,9 +864,11 @@ fn a_tap_without_vnet_headers_or_a_tun_is_refused_by_name() {
         if missing == "IFF_NO_PI" && reported_flags(fd) & libc::IFF_NO_PI != 0 {
             // SAFETY: `fd` is ours and used no more.
             unsafe { libc::close(fd) };
-            crate::skip(
-                &format!("{test} ({name})"),
-                "this kernel's TUNGETIFF reports IFF_NO_PI on a tap opened without it",
+            // Not a skip of the test (its other cases ran): one kernel's
+            // answer that this case cannot be told apart, said in its output.
+            eprintln!(
+                "{test} ({name}): not checked: this kernel's TUNGETIFF reports IFF_NO_PI \
+                 on a tap opened without it"
             );
             continue;
         }
