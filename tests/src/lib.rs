@@ -536,6 +536,24 @@ pub fn qemu_ready(test: &str) -> Option<GuestImage> {
     guest_image(test)
 }
 
+/// Holds the machine for one of the 12336 load scenarios (150 `ctr task ls`
+/// loops against six sandboxes) until dropped. Each scenario is a load test
+/// of its own: two at once (a QEMU one on the host beside a kestrel-vmm one
+/// in the nested L1, both TCG-emulated on the same two cores) only measure
+/// each other, and State's 2 s deadline is what they check. Taken before a
+/// test re-runs itself in L1; inside L1 the file is L1's own.
+pub fn one_load_scenario_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("kestrel-load-scenario.lock"))
+        .expect("opening the load-scenario lock file");
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("locking the load-scenario lock file")
+}
+
 /// Set inside the L1 VM of [`run_in_nested_kvm`], so a test run there does
 /// not try to nest again.
 pub const NESTED_ENV: &str = "KESTREL_IN_NESTED_KVM";

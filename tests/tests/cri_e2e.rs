@@ -105,6 +105,7 @@ fn stderr_of_loops(dir: &Path) -> String {
 /// must report each container EXITED with 137, and once the pods are
 /// stopped and removed nothing may be left; `repetitions` times over.
 fn seed_12336_scenario(test: &str, handler: &str, repetitions: usize) {
+    let _alone = kestrel_tests::one_load_scenario_at_a_time();
     let Some(image) = ready(test, handler) else {
         return;
     };

@@ -158,6 +158,7 @@ fn force_deletes_of_builtin_vmm_containers_under_150_task_ls_loops_never_lose_on
 }
 
 fn force_deletes_under_150_task_ls_loops(test: &str, vmm: Vmm) {
+    let _alone = kestrel_tests::one_load_scenario_at_a_time();
     let Some(image) = ready(test, vmm) else {
         return;
     };
