@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -75,21 +75,20 @@ impl VsockDevice {
                 )
                 .map_err(io_err)?;
         }
-        let (activations, activated) = mpsc::channel();
-        let (answer, answers) = mpsc::channel();
         let mut core = Core {
             epoll,
             kill: kill.try_clone().map_err(io_err)?,
             muxer,
             scratch: Scratch::default(),
         };
-        let thread = seccomp::spawn_confined("kestrel-vsock", seccomp, move || {
-            core.run(&activated, &answer);
-        })?;
-        Ok(VsockDevice {
-            cid,
-            worker: Worker::new("vsock", activations, answers, kill, thread),
-        })
+        let worker = Worker::spawn(
+            "vsock",
+            "kestrel-vsock",
+            seccomp,
+            kill,
+            move |activated, answer| core.run(activated, answer),
+        )?;
+        Ok(VsockDevice { cid, worker })
     }
 }
 

@@ -6,12 +6,13 @@
 //! back, and dropping the worker ends the thread.
 
 use std::io;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ActivateError;
+use crate::seccomp::{self, Filter};
 
 pub(crate) struct Worker<S> {
     /// `vsock`, `virtio-net`: for errors.
@@ -37,24 +38,34 @@ impl<S> std::fmt::Debug for Worker<S> {
     }
 }
 
-impl<S> Worker<S> {
-    pub fn new(
+impl<S: Send + 'static> Worker<S> {
+    /// Starts the device's thread `thread_name`, confined by `seccomp`,
+    /// running `serve` with the activations it is handed and where it
+    /// answers each activation and each `kill`.
+    pub fn spawn(
         device: &'static str,
-        activations: Sender<S>,
-        answers: Receiver<io::Result<()>>,
+        thread_name: &str,
+        seccomp: Option<Filter>,
         kill: EventFd,
-        thread: JoinHandle<Option<()>>,
-    ) -> Self {
-        Worker {
+        serve: impl FnOnce(&Receiver<S>, &Sender<io::Result<()>>) + Send + 'static,
+    ) -> Result<Self, seccomp::Error> {
+        let (activations, activated) = mpsc::channel();
+        let (answer, answers) = mpsc::channel();
+        let thread = seccomp::spawn_confined(thread_name, seccomp, move || {
+            serve(&activated, &answer);
+        })?;
+        Ok(Worker {
             device,
             activations: Some(activations),
             answers,
             kill,
             thread: Some(thread),
             active: false,
-        }
+        })
     }
+}
 
+impl<S> Worker<S> {
     /// The thread is gone: it met an error it logged.
     fn gone(&self) -> ActivateError {
         ActivateError::Device(format!("the {} device thread has stopped", self.device))

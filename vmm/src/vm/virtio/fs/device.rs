@@ -16,7 +16,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{config_space, FsConfig, CONFIG_SPACE_LEN, NUM_REQUEST_QUEUES};
 use super::frontend::Session;
 use super::Error;
-use crate::seccomp::{self, Filter};
+use crate::seccomp::Filter;
 use crate::vm::virtio::worker::Worker;
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
@@ -94,8 +94,6 @@ impl FsDevice {
         for (fd, token, events) in watched {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
         }
-        let (activations, activated) = mpsc::channel();
-        let (answer, answers) = mpsc::channel();
         let mut core = Core {
             epoll,
             kill: kill.try_clone()?,
@@ -103,15 +101,19 @@ impl FsDevice {
             session,
             backend_gone: false,
         };
-        let thread = seccomp::spawn_confined("kestrel-fs", seccomp, move || {
-            core.run(&activated, &answer);
-        })?;
+        let worker = Worker::spawn(
+            "virtio-fs",
+            "kestrel-fs",
+            seccomp,
+            kill,
+            move |activated, answer| core.run(activated, answer),
+        )?;
         Ok(FsDevice {
             config_space: config_space(&config.tag),
             queue_sizes: [config.queue_size; NUM_QUEUES],
             features,
             acked_features: 0,
-            worker: Worker::new("virtio-fs", activations, answers, kill, thread),
+            worker,
         })
     }
 }

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{process_rx, process_tx, RxStop, Scratch, Stats};
 use super::{Backend, Error, NetConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::seccomp::{self, Filter};
+use crate::seccomp::Filter;
 use crate::vm::virtio::worker::Worker;
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
@@ -102,8 +102,6 @@ impl NetDevice {
                 EpollEvent::new(EventSet::IN, KILL_TOKEN),
             )
             .map_err(io_err)?;
-        let (activations, activated) = mpsc::channel();
-        let (answer, answers) = mpsc::channel();
         let mut core = Core {
             index,
             epoll,
@@ -114,9 +112,13 @@ impl NetDevice {
             scratch: Scratch::default(),
             stats: Stats::default(),
         };
-        let thread = seccomp::spawn_confined(&format!("kestrel-net{index}"), seccomp, move || {
-            core.run(&activated, &answer);
-        })?;
+        let worker = Worker::spawn(
+            "virtio-net",
+            &format!("kestrel-net{index}"),
+            seccomp,
+            kill,
+            move |activated, answer| core.run(activated, answer),
+        )?;
         let mut config_space = [0u8; CONFIG_LEN];
         config_space[..6].copy_from_slice(&config.mac.0);
         config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
@@ -126,7 +128,7 @@ impl NetDevice {
             config_space,
             features: offered_features(config.offload),
             acked: 0,
-            worker: Worker::new("virtio-net", activations, answers, kill, thread),
+            worker,
         })
     }
 }
