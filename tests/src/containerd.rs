@@ -278,6 +278,34 @@ impl Containerd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILLs this containerd's one Kestrel shim, then waits, up to
+    /// `within`, until containerd has noticed, run the shim's `delete` (which
+    /// kills the sandbox) and dropped task `id`.
+    pub fn kill_the_shim_and_await_task_gone(&self, id: &str, within: Duration) {
+        let address = self.address.display().to_string();
+        let shims: Vec<u32> = self
+            .leftover_processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2") && cmd.contains(&address))
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(shims.len(), 1, "{:?}", self.leftover_processes());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shims[0] as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("killing the shim");
+        let deadline = Instant::now() + within;
+        while text(&self.ctr(&["task", "ls", "-q"]).stdout).contains(id) {
+            assert!(
+                Instant::now() < deadline,
+                "containerd kept the task of a dead shim:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Pids of processes whose command line mentions this containerd's
     /// directory: shims (their -address) and agents (their socket).
     pub fn leftover_processes(&self) -> Vec<(u32, String)> {

@@ -101,30 +101,7 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_action() {
     let c = Containerd::start();
     let rootfs = busybox_rootfs(c.path());
     c.run_detached(rootfs.to_str().unwrap(), "orphan", &["sleep", "1000"]);
-    let address = c.address.display().to_string();
-    let shims: Vec<u32> = c
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2") && cmd.contains(&address))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(shims.len(), 1, "{:?}", c.leftover_processes());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // containerd notices the lost shim, runs `containerd-shim-kestrel-v2
-    // delete` (which kills the sandbox) and drops the task.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while text(&c.ctr(&["task", "ls", "-q"]).stdout).contains("orphan") {
-        assert!(
-            Instant::now() < deadline,
-            "containerd kept the task of a dead shim:\n{}",
-            c.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_the_shim_and_await_task_gone("orphan", Duration::from_secs(30));
     let out = c.ctr(&["container", "delete", "orphan"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     c.assert_nothing_left();

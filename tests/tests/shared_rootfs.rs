@@ -5,7 +5,7 @@
 //! default is `virtio-fs`). With `shared_fs = "none"` they are copied in.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kestrel_tests::containerd::{available, run_argv, text, Containerd};
 use kestrel_tests::{
@@ -204,28 +204,7 @@ fn delete_after_a_killed_shim_unmounts_the_shared_binds_before_removing_anything
             volume.display()
         )],
     );
-    let address = c.address.display().to_string();
-    let shims: Vec<u32> = c
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-kestrel-v2") && cmd.contains(&address))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(shims.len(), 1, "{:?}", c.leftover_processes());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0] as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while text(&c.ctr(&["task", "ls", "-q"]).stdout).contains("vfs-orphan") {
-        assert!(
-            Instant::now() < deadline,
-            "containerd kept the task of a dead shim:\n{}",
-            c.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.kill_the_shim_and_await_task_gone("vfs-orphan", Duration::from_secs(60));
     let out = c.ctr(&["container", "delete", "vfs-orphan"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
