@@ -19,7 +19,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Worker;
+use super::worker::{self, Worker};
 use super::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 use crate::seccomp::{self, Filter};
 use crate::vsock::queue::{
@@ -206,11 +206,7 @@ impl Serving {
     fn run(&mut self, core: &mut Core) -> io::Result<()> {
         let mut events = [EpollEvent::default(); NUM_QUEUES + 2];
         loop {
-            let n = match core.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
+            let n = worker::wait(&core.epoll, &mut events)?;
             let mut used = false;
             for event in &events[..n] {
                 match event.data() {

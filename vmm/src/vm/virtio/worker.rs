@@ -134,3 +134,17 @@ impl<S> Drop for Worker<S> {
         }
     }
 }
+
+/// Waits for `epoll`'s next events into `events`, through signals that
+/// interrupt the wait: what every device thread's loop blocks on.
+pub(crate) fn wait(
+    epoll: &vmm_sys_util::epoll::Epoll,
+    events: &mut [vmm_sys_util::epoll::EpollEvent],
+) -> io::Result<usize> {
+    loop {
+        match epoll.wait(-1, events) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            waited => return waited,
+        }
+    }
+}

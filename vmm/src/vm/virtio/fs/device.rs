@@ -29,7 +29,7 @@ use super::config::{config_space, FsConfig, CONFIG_SPACE_LEN, NUM_REQUEST_QUEUES
 use super::frontend::Session;
 use super::Error;
 use crate::seccomp::Filter;
-use crate::vm::virtio::worker::Worker;
+use crate::vm::virtio::worker::{self, Worker};
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
 /// The high-priority queue, then the request queues.
@@ -223,11 +223,7 @@ impl Core {
     fn serve(&mut self, serving: &Serving) -> io::Result<()> {
         let mut events = [EpollEvent::default(); NUM_QUEUES + 2];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
+            let n = worker::wait(&self.epoll, &mut events)?;
             let mut used = false;
             for event in &events[..n] {
                 match event.data() {

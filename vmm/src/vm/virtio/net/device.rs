@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{process_rx, process_tx, RxStop, Scratch, Stats};
 use super::{Backend, Error, NetConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::seccomp::Filter;
-use crate::vm::virtio::worker::Worker;
+use crate::vm::virtio::worker::{self, Worker};
 use crate::vm::virtio::{ActivateError, GuestMemoryAtomic, Interrupt, VirtioDevice};
 
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
@@ -306,11 +306,7 @@ impl Serving {
     fn run<B: Backend>(&mut self, core: &mut Core<B>) -> io::Result<()> {
         let mut events = [EpollEvent::default(); NUM_QUEUES + 2];
         loop {
-            let n = match core.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
+            let n = worker::wait(&core.epoll, &mut events)?;
             let mut used = false;
             let mut receive = false;
             for event in &events[..n] {
