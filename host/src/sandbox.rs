@@ -152,7 +152,7 @@ impl Sandbox {
         let netns = request
             .netns
             .clone()
-            .filter(|_| hypervisor.backend() != Backend::Process);
+            .filter(|_| hypervisor.backend().is_vm());
         let network = match &netns {
             Some(netns) => Some(attach_network(id, netns).await?),
             None => None,
